@@ -1,0 +1,123 @@
+"""`SparseNeuronConfig`: every knob of sparse-neuron fine-tuning in one dataclass.
+
+The field docs are the user documentation (they become `--help` through `HfArgumentParser`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+IMPORTANCE_NAMES = ("random", "l1", "l2", "taylor", "hessian", "zeroth_order")
+SCOPES = ("per_layer", "global")
+AXES = ("rows", "columns")
+SLICE_DTYPES = ("float32", "bfloat16", "float16", "auto")
+OPTIMIZER_STATES = ("float32", "bfloat16", "int8")
+
+
+@dataclass
+class SparseNeuronConfig:
+    """Which neurons to train and how. Exactly one of `neurons_per_layer` / `ratio` must be set."""
+
+    importance: str = field(
+        default="l2",
+        metadata={"help": f"Neuron importance criterion, one of {IMPORTANCE_NAMES}. taylor/hessian/zeroth_order "
+                          "score on `calibration_batches` batches of the train dataloader."},
+    )
+    neurons_per_layer: Optional[int] = field(
+        default=None, metadata={"help": "Neurons (rows, or columns) trained per targeted linear (paper: 64)."}
+    )
+    ratio: Optional[float] = field(
+        default=None, metadata={"help": "Fraction in (0, 1] of each layer's neurons to train, instead of a count."}
+    )
+    scope: str = field(
+        default="per_layer",
+        metadata={"help": "per_layer: top-k in every layer; global: one budget (same total) across all layers, "
+                          "scores normalised by each layer's mean."},
+    )
+    axis: str = field(
+        default="rows",
+        metadata={"help": "rows: train output neurons W[I, :] (the paper); columns: train input features W[:, J] "
+                          "(saves only x[..., J] for backward)."},
+    )
+    target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Module names (exact or dotted suffix, e.g. q_proj) to slice; a single string is a "
+                          "regex matched against the full name. Default: every linear except the output head."},
+    )
+    calibration_batches: int = field(
+        default=50, metadata={"help": "Train-dataloader batches used by taylor / hessian / zeroth_order scoring."}
+    )
+    train_bias: bool = field(
+        default=False, metadata={"help": "Also train the bias entries of the selected rows (rows axis only)."}
+    )
+    slice_dtype: str = field(
+        default="float32",
+        metadata={"help": f"dtype of the trainable slices, one of {SLICE_DTYPES} ('auto' = base weight dtype). "
+                          "float32 keeps Adam exact while the frozen base stays bf16/4-bit."},
+    )
+    optimizer_state: str = field(
+        default="float32",
+        metadata={"help": f"Adam moment storage, one of {OPTIMIZER_STATES}: 8, 4 or ~2 bytes per trained weight."},
+    )
+    zo_eps: float = field(default=1e-3, metadata={"help": "zeroth_order: SPSA perturbation size."})
+    seed: int = field(default=0, metadata={"help": "Seed for random scoring, SPSA directions and calibration order."})
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on any invalid setting, before a model is touched."""
+        if self.importance not in IMPORTANCE_NAMES:
+            raise ValueError(f"Unknown importance {self.importance!r}; choose one of {IMPORTANCE_NAMES}.")
+        if (self.neurons_per_layer is None) == (self.ratio is None):
+            raise ValueError("Set exactly one of neurons_per_layer or ratio "
+                             f"(got neurons_per_layer={self.neurons_per_layer}, ratio={self.ratio}).")
+        if self.neurons_per_layer is not None and (
+            isinstance(self.neurons_per_layer, bool) or int(self.neurons_per_layer) != self.neurons_per_layer
+            or self.neurons_per_layer <= 0
+        ):
+            raise ValueError(f"neurons_per_layer must be a positive integer, got {self.neurons_per_layer!r}.")
+        if self.ratio is not None and not (0.0 < float(self.ratio) <= 1.0):
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}.")
+        for name, value, allowed in (("scope", self.scope, SCOPES), ("axis", self.axis, AXES),
+                                     ("slice_dtype", self.slice_dtype, SLICE_DTYPES),
+                                     ("optimizer_state", self.optimizer_state, OPTIMIZER_STATES)):
+            if value not in allowed:
+                raise ValueError(f"Unknown {name} {value!r}; choose one of {allowed}.")
+        if self.train_bias and self.axis != "rows":
+            raise ValueError("train_bias needs axis='rows' (a column slice touches every output's bias).")
+        if self.importance in ("taylor", "hessian", "zeroth_order") and self.calibration_batches <= 0:
+            raise ValueError(f"importance={self.importance!r} needs calibration_batches > 0.")
+        if self.zo_eps <= 0:
+            raise ValueError(f"zo_eps must be > 0, got {self.zo_eps}.")
+        tm = self.target_modules
+        if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and tm
+                                                          and all(isinstance(t, str) and t for t in tm))):
+            raise ValueError(f"target_modules must be None, a regex string or a non-empty list of names, got {tm!r}.")
+
+    # what must agree between a checkpoint and the run resuming it (optimizer state may differ only in storage)
+    SELECTION_KEYS = ("importance", "neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SparseNeuronConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown SparseNeuronConfig fields {sorted(unknown)}.")
+        return cls(**d)
+
+    def selection_differences(self, other: "SparseNeuronConfig") -> dict[str, tuple]:
+        """Fields that decide which neurons are trained and differ between `self` and `other`."""
+        return {k: (getattr(self, k), getattr(other, k)) for k in self.SELECTION_KEYS
+                if getattr(self, k) != getattr(other, k)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+

@@ -1,0 +1,44 @@
+"""Turn importance scores into the chosen neuron indices: per-layer top-k or one global budget."""
+from __future__ import annotations
+
+import torch
+
+from .config import SparseNeuronConfig
+
+
+def layer_budget(n_units: int, config: SparseNeuronConfig, name: str = "layer") -> int:
+    """Neurons to train in a layer with `n_units` rows (or columns)."""
+    if config.neurons_per_layer is not None:
+        k = int(config.neurons_per_layer)
+        if k > n_units:
+            raise ValueError(f"neurons_per_layer={k} but {name} has only {n_units} {config.axis}; "
+                             "lower it or use ratio=.")
+        return k
+    return max(1, round(float(config.ratio) * n_units))
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    # stable sort: ties go to the lower index, so every rank and every run picks the same neurons
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def select_neurons(scores: dict[str, torch.Tensor], config: SparseNeuronConfig) -> dict[str, torch.Tensor]:
+    """name -> sorted int64 indices. Global scope spends the sum of the per-layer budgets on the layers whose
+    neurons score highest after dividing each layer's scores by their mean (scales differ between layers);
+    a layer may then get none and is left out."""
+    budgets = {name: layer_budget(s.numel(), config, name) for name, s in scores.items()}
+    if config.scope == "per_layer":
+        return {name: _top(s.float(), budgets[name]) for name, s in scores.items()}
+
+    names = list(scores)
+    normed = [s.float() / s.float().mean().clamp_min(torch.finfo(torch.float32).tiny) for s in scores.values()]
+    chosen = _top(torch.cat(normed), sum(budgets.values()))
+    offsets = torch.tensor([0] + [s.numel() for s in normed]).cumsum(0)
+    selection = {}
+    for i, name in enumerate(names):
+        lo, hi = offsets[i], offsets[i + 1]
+        idx = chosen[(chosen >= lo) & (chosen < hi)] - lo
+        if idx.numel():
+            selection[name] = idx
+    return selection

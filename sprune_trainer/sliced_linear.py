@@ -1,0 +1,121 @@
+"""`SlicedLinear`: a frozen linear layer plus a trainable slice of its neurons.
+
+rows    (the paper): delta (k, d_in) holds updates of W[I, :];  y = base(x);  y[..., I] += x @ delta.T
+columns (ours):      delta (d_out, k) holds updates of W[:, J]; y = base(x) + x[..., J] @ delta.T
+No dense d_out x d_in update, mask or gradient is ever allocated; the optimizer sees only `delta`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def slice_dtype_for(base: nn.Linear, name: str) -> torch.dtype:
+    """The dtype a slice is kept in: fixed, or ('auto') the base weight's float dtype (4-bit bases: compute dtype)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if base.weight.dtype.is_floating_point:
+        return base.weight.dtype
+    return getattr(base, "compute_dtype", None) or torch.float32
+
+
+class SlicedLinear(nn.Module):
+    """Wraps `base_layer` (kept frozen, never modified unless merged) and trains `delta` on neurons `index`."""
+
+    def __init__(self, base_layer: nn.Linear, index: torch.Tensor, axis: str = "rows",
+                 dtype: torch.dtype = torch.float32, train_bias: bool = False):
+        super().__init__()
+        if axis not in ("rows", "columns"):
+            raise ValueError(f"axis must be 'rows' or 'columns', got {axis!r}")
+        d_out, d_in = base_layer.out_features, base_layer.in_features
+        n_units = d_out if axis == "rows" else d_in
+        index = torch.as_tensor(index, dtype=torch.long).flatten().cpu()
+        if index.numel() == 0 or index.min() < 0 or index.max() >= n_units:
+            raise ValueError(f"neuron indices must be non-empty and in [0, {n_units}), got {index.tolist()[:8]}...")
+        if index.unique().numel() != index.numel():
+            raise ValueError("neuron indices must be unique")
+        if train_bias and (axis != "rows" or base_layer.bias is None):
+            raise ValueError("train_bias needs axis='rows' and a base layer with a bias")
+
+        device = base_layer.weight.device
+        self.base_layer = base_layer
+        self.axis = axis
+        self.register_buffer("index", torch.sort(index).values.to(device))  # (k,)
+        k = index.numel()
+        shape = (k, d_in) if axis == "rows" else (d_out, k)
+        self.delta = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        self.bias_delta = nn.Parameter(torch.zeros(k, device=device, dtype=dtype)) if train_bias else None
+        self._merged_original: tuple | None = None  # exact copies of the rows/columns overwritten by merge()
+
+    # Code that inspects `layer.weight` / `layer.in_features` (HF, quantizers) keeps working on the wrapper.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_original is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (..., d_out)
+        if self.merged:
+            return y
+        delta = self.delta.to(x.dtype)
+        if self.axis == "rows":
+            update = x @ delta.T  # (..., k)
+            if self.bias_delta is not None:
+                update = update + self.bias_delta.to(update.dtype)
+            return y.index_add(-1, self.index, update.to(y.dtype))
+        return y + (x.index_select(-1, self.index) @ delta.T).to(y.dtype)  # (..., d_out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W[I] += delta (rows) or W[:, J] += delta (columns), in the base weight's dtype; unmerge() undoes it
+        exactly by restoring the saved original rows/columns."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        if not w.dtype.is_floating_point:
+            raise TypeError(f"cannot merge into a {w.dtype} (quantized) weight in place; merge_sparse "
+                            "dequantizes such layers")
+        if self.axis == "rows":
+            original = w[self.index].clone()
+            w[self.index] = (original.float() + self.delta.float()).to(w.dtype)
+        else:
+            original = w[:, self.index].clone()
+            w[:, self.index] = (original.float() + self.delta.float()).to(w.dtype)
+        bias_original = None
+        if self.bias_delta is not None:
+            b = self.base_layer.bias
+            bias_original = b[self.index].clone()
+            b[self.index] = (bias_original.float() + self.bias_delta.float()).to(b.dtype)
+        self._merged_original = (original, bias_original)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        original, bias_original = self._merged_original
+        if self.axis == "rows":
+            self.base_layer.weight[self.index] = original
+        else:
+            self.base_layer.weight[:, self.index] = original
+        if bias_original is not None:
+            self.base_layer.bias[self.index] = bias_original
+        self._merged_original = None
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, k={self.index.numel()}, delta={tuple(self.delta.shape)}"

@@ -1,0 +1,50 @@
+"""What was selected, in numbers: neurons per layer type, trainable parameters, optimizer-state bytes."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from torch import nn
+
+from .inject import sliced_modules
+
+# Adam keeps two moments per trained weight: bytes per weight for each state storage
+ADAM_STATE_BYTES = {"float32": 8.0, "bfloat16": 4.0, "int8": 2.0 + 2 * 4 / 256}  # int8: + fp32 scale per 256
+
+
+def selection_summary(model: nn.Module, optimizer_state: str = "float32") -> dict:
+    layers = sliced_modules(model)
+    by_kind: dict[str, list] = defaultdict(list)  # "q_proj" -> [(k, n_units), ...]
+    for name, layer in layers.items():
+        n_units = layer.out_features if layer.axis == "rows" else layer.in_features
+        by_kind[name.split(".")[-1]].append((layer.index.numel(), n_units))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    frozen = total - trainable
+    return {
+        "sliced_layers": len(layers),
+        "neurons": {kind: {"layers": len(v), "selected": sum(k for k, _ in v), "of": sum(n for _, n in v),
+                           "min": min(k for k, _ in v), "max": max(k for k, _ in v)} for kind, v in by_kind.items()},
+        "trainable_params": trainable,
+        "model_params": frozen,
+        "trainable_percent": 100.0 * trainable / max(frozen, 1),
+        "optimizer_state_bytes": int(trainable * ADAM_STATE_BYTES[optimizer_state]),
+        "full_ft_adamw_state_bytes": int(frozen * ADAM_STATE_BYTES["float32"]),
+    }
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"sparse-neuron fine-tuning: {s['sliced_layers']} sliced layers"]
+    for kind, v in s["neurons"].items():
+        per = f"{v['min']}" if v["min"] == v["max"] else f"{v['min']}-{v['max']}"
+        lines.append(f"  {kind:>12}: {per} neurons/layer x {v['layers']} layers "
+                     f"({v['selected']:,} of {v['of']:,})")
+    lines.append(f"  trainable params: {s['trainable_params']:,} of {s['model_params']:,} "
+                 f"({s['trainable_percent']:.3f}%)")
+    ratio = s["optimizer_state_bytes"] / max(s["full_ft_adamw_state_bytes"], 1)
+    lines.append(f"  optimizer state: {_mib(s['optimizer_state_bytes'])} vs {_mib(s['full_ft_adamw_state_bytes'])} "
+                 f"for AdamW on the full model ({ratio:.4f}x)")
+    return "\n".join(lines)

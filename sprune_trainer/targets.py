@@ -1,0 +1,70 @@
+"""Which linear layers of a model get trainable neuron slices."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+# Output heads whose rows are a task's classes or the vocabulary: trained whole or not at all, never sliced.
+_HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
+
+
+def _never_sliced(model: nn.Module) -> set[int]:
+    """ids of the embeddings and output head (tied to the embedding in many LMs)."""
+    ids = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        module = fn() if callable(fn) else None
+        if module is not None:
+            ids.add(id(module))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or name.split(".")[-1] in _HEAD_NAMES:
+            ids.add(id(module))
+    return ids
+
+
+def _matches(name: str, targets) -> bool:
+    if isinstance(targets, str):  # a regex over the full module name, as in PEFT
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_target_layers(model: nn.Module, target_modules=None) -> dict[str, nn.Linear]:
+    """Map module name -> linear layer to slice, in `named_modules` order.
+
+    `target_modules=None` takes every nn.Linear (bitsandbytes' Linear4bit/Linear8bitLt subclass it) except the
+    output head; explicit targets must all be linears, and embeddings/heads are refused with a clear error."""
+    from .sliced_linear import SlicedLinear  # local import: sliced_linear imports nothing from here
+
+    excluded = _never_sliced(model)
+    found: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SlicedLinear) or ".base_layer" in name or not name:
+            continue
+        if target_modules is None:
+            if isinstance(module, nn.Linear) and id(module) not in excluded:
+                found[name] = module
+            continue
+        if not _matches(name, target_modules):
+            continue
+        if id(module) in excluded:
+            raise ValueError(f"target_modules matched {name!r} ({type(module).__name__}): embeddings and output "
+                             "heads are never sliced (tied weights, vocabulary rows); remove it from target_modules.")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}, not a linear layer; "
+                             "only nn.Linear (and bitsandbytes 4/8-bit linears) can be sliced.")
+        found[name] = module
+    if not found:
+        what = "no nn.Linear layers" if target_modules is None else f"target_modules={target_modules!r} matched nothing"
+        raise ValueError(f"Cannot apply sparse-neuron fine-tuning: {what} in {type(model).__name__}. "
+                         "Linear names here include: " + ", ".join(_linear_name_examples(model)))
+    return found
+
+
+def _linear_name_examples(model: nn.Module, limit: int = 8) -> list[str]:
+    suffixes = []
+    for name, module in model.named_modules():
+        short = name.split(".")[-1]
+        if isinstance(module, nn.Linear) and short not in suffixes:
+            suffixes.append(short)
+    return suffixes[:limit] or ["(none)"]

@@ -1,0 +1,204 @@
+"""`SparseNeuronTrainer`: a `transformers.Trainer` that fine-tunes only the most important neurons.
+
+Order matters (design.md): scoring and module surgery run at the start of `train()`, before the parent
+builds the optimizer, wraps the model (accelerate/DDP) or starts DeepSpeed, so the slices are ordinary
+registered parameters that all of them see. `on_train_begin` would be too late."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data.distributed import DistributedSampler
+from transformers import Trainer
+from transformers.utils import logging
+
+from .checkpoint import (copy_adapter_into, check_adapter_fits, is_sparse_adapter_dir, read_sparse_adapter,
+                         save_sparse_adapter)
+from .checkpoint_dirs import last_complete_checkpoint, require_complete_checkpoint
+from .config import SparseNeuronConfig
+from .importance import score_neurons
+from .inject import inject_slices, sliced_modules
+from .optim import SliceAdamW
+from .selection import layer_budget, select_neurons
+from .summary import format_summary, selection_summary
+from .targets import find_target_layers
+
+logger = logging.get_logger(__name__)
+
+NEEDS_DATA = ("taylor", "hessian", "zeroth_order")
+
+
+class SparseNeuronTrainer(Trainer):
+    """Drop-in `Trainer` replacement; every Trainer argument works as usual, plus `sparse_config`.
+
+    Callbacks may define `on_neurons_selected(args, state, control, model, selection, summary)`; it is
+    called once the slices are in place, before the optimizer exists."""
+
+    def __init__(self, *args, sparse_config: Optional[SparseNeuronConfig] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.model_init is not None:
+            raise ValueError("SparseNeuronTrainer does not support model_init / hyperparameter search: the "
+                             "neuron selection is made once, on the model passed in")
+        self.sparse_config = sparse_config if sparse_config is not None else SparseNeuronConfig(neurons_per_layer=64)
+        self.sparse_config.validate()
+        self.sparse_summary: Optional[dict] = None
+        if not sliced_modules(self.model):
+            self._check_budgets()  # bad targets / budgets fail here, before any data or training step
+
+    # ---- selection and surgery -------------------------------------------------------------------------
+    def _check_budgets(self) -> None:
+        cfg = self.sparse_config
+        for name, layer in find_target_layers(self.model, cfg.target_modules).items():
+            layer_budget(layer.out_features if cfg.axis == "rows" else layer.in_features, cfg, name)
+        if cfg.importance in NEEDS_DATA and self.train_dataset is None:
+            raise ValueError(f"importance={cfg.importance!r} scores neurons on training batches: pass train_dataset")
+
+    def prepare_sparse_model(self, resume_from_checkpoint: Optional[str] = None) -> dict:
+        """Score, select and inject slices (or take them from the checkpoint being resumed). Idempotent."""
+        cfg = self.sparse_config
+        adapter = read_sparse_adapter(resume_from_checkpoint) if resume_from_checkpoint else None
+        if adapter is not None:
+            diffs = cfg.selection_differences(adapter.config)
+            if diffs:
+                raise ValueError(f"cannot resume from {resume_from_checkpoint}: its sparse config differs in "
+                                 + ", ".join(f"{k} (checkpoint {b!r}, now {a!r})" for k, (a, b) in diffs.items()))
+            check_adapter_fits(self.model, adapter)
+        if sliced_modules(self.model):
+            if adapter is not None:
+                copy_adapter_into(self.model, adapter)  # raises if the slices sit on other neurons
+            return self.sparse_summary or {}
+
+        selection = adapter.selection if adapter is not None else self._select_neurons()
+        inject_slices(self.model, selection, cfg)
+        if getattr(self.args, "gradient_checkpointing", False) or getattr(self.args, "activation_checkpointing", False):
+            # the frozen embeddings give checkpointed blocks inputs without grad; slices still need a backward
+            self.model.enable_input_require_grads()
+        self.sparse_summary = selection_summary(self.model, cfg.optimizer_state)
+        if self.is_world_process_zero():
+            print(format_summary(self.sparse_summary))
+        for cb in self.callback_handler.callbacks:
+            hook = getattr(cb, "on_neurons_selected", None)
+            if callable(hook):
+                hook(self.args, self.state, self.control, model=self.model, selection=selection,
+                     summary=self.sparse_summary)
+        return self.sparse_summary
+
+    def _select_neurons(self) -> dict[str, torch.Tensor]:
+        cfg = self.sparse_config
+        layers = find_target_layers(self.model, cfg.target_modules)
+        batches = self._calibration_batches() if cfg.importance in NEEDS_DATA else None
+        scores = score_neurons(self.model, layers, cfg, batches=batches,
+                               loss_fn=self._calibration_loss,
+                               progress=self.is_local_process_zero() and not self.args.disable_tqdm)
+        scores = _sum_over_ranks(scores, self.args.device)
+        return _same_on_every_rank(select_neurons(scores, cfg))
+
+    def _calibration_loss(self, model, batch) -> torch.Tensor:
+        try:
+            return self.compute_loss(model, batch)
+        except ValueError as e:
+            raise ValueError(f"importance={self.sparse_config.importance!r} needs a loss on the calibration batches "
+                             f"(do the training examples have labels?): {e}") from e
+
+    def _calibration_batches(self) -> Iterator[dict]:
+        """The first `calibration_batches` batches (split over ranks) of a seeded shuffle of the train set, with
+        the Trainer's own collator and column handling; the global RNG is left alone."""
+        cfg, ds = self.sparse_config, self.train_dataset
+        collator = self.data_collator
+        try:
+            import datasets
+            if isinstance(ds, datasets.Dataset):
+                ds = self._remove_unused_columns(ds, description="calibration")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="calibration")
+        except ImportError:
+            collator = self._get_collator_with_removed_columns(collator, description="calibration")
+        world, rank = self.args.world_size, self.args.process_index
+        sampler = None if isinstance(ds, IterableDataset) else DistributedSampler(
+            ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+        loader = DataLoader(ds, batch_size=self._train_batch_size, sampler=sampler, collate_fn=collator)
+        per_rank = math.ceil(cfg.calibration_batches / world)
+        for i, batch in enumerate(loader):
+            if i >= per_rank:
+                break
+            yield self._prepare_inputs(batch)
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete sparse checkpoint found in output directory ({self.args.output_dir})")
+        elif resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if resume_from_checkpoint is not None:
+            require_complete_checkpoint(resume_from_checkpoint)
+        self.prepare_sparse_model(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def create_optimizer(self, model=None):
+        """SliceAdamW over the slices only (also what DeepSpeed wraps: ship configs without an optimizer block).
+        An optimizer passed as `optimizers=` or `optimizer_cls_and_kwargs=` is respected."""
+        if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            return super().create_optimizer() if self.optimizer is None else self.optimizer
+        opt_model = model if model is not None else self.model
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("no trainable slices: call train() (or prepare_sparse_model()) before create_optimizer")
+        if "adamw" not in str(self.args.optim).lower():
+            logger.warning(f"optim={self.args.optim} is ignored: SparseNeuronTrainer uses SliceAdamW "
+                           "(set SparseNeuronConfig.optimizer_state for compressed moments)")
+        groups = [{"params": [p for n, p in named if not n.endswith("bias_delta")], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in named if n.endswith("bias_delta")], "weight_decay": 0.0}]
+        self.optimizer = SliceAdamW([g for g in groups if g["params"]], lr=self.args.learning_rate,
+                                    betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+                                    state_dtype=self.sparse_config.optimizer_state)
+        return self.optimizer
+
+    # ---- saving and loading: slices + indices only, never the frozen base -------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_sparse_adapter(self.model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, "training_args.json"), "w") as f:
+            f.write(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if is_sparse_adapter_dir(resume_from_checkpoint):
+            copy_adapter_into(model if model is not None else self.model, read_sparse_adapter(resume_from_checkpoint))
+            return
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if best and is_sparse_adapter_dir(best):
+            logger.info(f"Loading best sparse adapter from {best} (score: {self.state.best_metric}).")
+            copy_adapter_into(self.model, read_sparse_adapter(best))
+            return
+        return super()._load_best_model()
+
+
+def _sum_over_ranks(scores: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return scores
+    names = list(scores)
+    flat = torch.cat([scores[n].float().flatten() for n in names]).to(device)
+    dist.all_reduce(flat)
+    return dict(zip(names, flat.cpu().split([scores[n].numel() for n in names])))
+
+
+def _same_on_every_rank(selection: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0's choice, everywhere: ranks must train the same neurons even if float sums differ in the last bit."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return selection
+    box = [{n: idx.tolist() for n, idx in selection.items()}]
+    dist.broadcast_object_list(box, src=0)
+    return {n: torch.tensor(idx, dtype=torch.long) for n, idx in box[0].items()}

@@ -1,0 +1,36 @@
+import pytest
+
+from sprune_trainer import SparseNeuronConfig
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(neurons_per_layer=0), "positive integer"),
+    (dict(neurons_per_layer=-3), "positive integer"),
+    (dict(neurons_per_layer=2.5), "positive integer"),
+    (dict(ratio=0.0), r"\(0, 1\]"),
+    (dict(ratio=1.5), r"\(0, 1\]"),
+    (dict(ratio=-0.1), r"\(0, 1\]"),
+    (dict(neurons_per_layer=4, ratio=0.1), "exactly one"),
+    (dict(), "exactly one"),
+    (dict(neurons_per_layer=4, importance="magnitude"), "Unknown importance"),
+    (dict(neurons_per_layer=4, scope="layerwise"), "Unknown scope"),
+    (dict(neurons_per_layer=4, axis="cols"), "Unknown axis"),
+    (dict(neurons_per_layer=4, optimizer_state="int4"), "Unknown optimizer_state"),
+    (dict(neurons_per_layer=4, axis="columns", train_bias=True), "train_bias"),
+    (dict(neurons_per_layer=4, importance="taylor", calibration_batches=0), "calibration_batches"),
+    (dict(neurons_per_layer=4, target_modules=[]), "target_modules"),
+])
+def test_bad_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseNeuronConfig(**kwargs)
+
+
+def test_round_trip_and_selection_differences():
+    a = SparseNeuronConfig(neurons_per_layer=8, importance="taylor", target_modules=("q_proj", "v_proj"))
+    b = SparseNeuronConfig.from_dict(a.to_dict())
+    assert a == b and a.target_modules == ["q_proj", "v_proj"]
+    c = SparseNeuronConfig(neurons_per_layer=16, importance="taylor", optimizer_state="int8",
+                           target_modules=["q_proj", "v_proj"])
+    assert a.selection_differences(c) == {"neurons_per_layer": (8, 16)}  # storage of moments may change
+    with pytest.raises(ValueError, match="Unknown SparseNeuronConfig fields"):
+        SparseNeuronConfig.from_dict({**a.to_dict(), "rank": 4})
