@@ -49,7 +49,7 @@ class SparseNeuronConfig:
         default=50, metadata={"help": "Train-dataloader batches used by taylor / hessian / zeroth_order scoring."}
     )
     train_bias: bool = field(
-        default=False, metadata={"help": "Also train the bias entries of the selected rows (rows axis only)."}
+        default=False, metadata={"help": "Also train the bias entries of the selected rows, in layers that have a bias (rows axis only)."}
     )
     slice_dtype: str = field(
         default="float32",

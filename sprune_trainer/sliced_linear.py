@@ -35,8 +35,8 @@ class SlicedLinear(nn.Module):
             raise ValueError(f"neuron indices must be non-empty and in [0, {n_units}), got {index.tolist()[:8]}...")
         if index.unique().numel() != index.numel():
             raise ValueError("neuron indices must be unique")
-        if train_bias and (axis != "rows" or base_layer.bias is None):
-            raise ValueError("train_bias needs axis='rows' and a base layer with a bias")
+        if train_bias and axis != "rows":
+            raise ValueError("train_bias needs axis='rows'")
 
         device = base_layer.weight.device
         self.base_layer = base_layer
@@ -45,7 +45,8 @@ class SlicedLinear(nn.Module):
         k = index.numel()
         shape = (k, d_in) if axis == "rows" else (d_out, k)
         self.delta = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
-        self.bias_delta = nn.Parameter(torch.zeros(k, device=device, dtype=dtype)) if train_bias else None
+        self.bias_delta = nn.Parameter(torch.zeros(k, device=device, dtype=dtype)) if (
+            train_bias and base_layer.bias is not None) else None
         self._merged_original: tuple | None = None  # exact copies of the rows/columns overwritten by merge()
 
     # Code that inspects `layer.weight` / `layer.in_features` (HF, quantizers) keeps working on the wrapper.
