@@ -17,6 +17,7 @@ from torch import nn
 from .config import SparseNeuronConfig
 from .inject import CONFIG_ATTR, inject_slices, sliced_modules
 from .sliced_linear import SlicedLinear
+from .zero3 import gathered
 
 WEIGHTS_NAME = "sparse_adapter.safetensors"
 META_NAME = "sparse_adapter.json"
@@ -53,7 +54,8 @@ def _replace_atomically(write, path: str) -> None:
 
 
 def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, layer metadata) of every slice in `model`, tensors on CPU."""
+    """(tensors, layer metadata) of every slice in `model`, tensors on CPU. Under ZeRO-3 every rank must call
+    it (the slices are gathered: a plain read would save empty partitions)."""
     layers = sliced_modules(model)
     if not layers:
         raise ValueError("model has no sparse-neuron slices; train it with SparseNeuronTrainer or "
@@ -61,9 +63,10 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = {}, {}
     for name, layer in layers.items():
         tensors[f"{name}.index"] = layer.index.detach().cpu().contiguous()
-        tensors[f"{name}.delta"] = layer.delta.detach().cpu().contiguous()
-        if layer.bias_delta is not None:
-            tensors[f"{name}.bias_delta"] = layer.bias_delta.detach().cpu().contiguous()
+        with gathered([layer.delta, layer.bias_delta]):
+            tensors[f"{name}.delta"] = layer.delta.detach().cpu().clone()
+            if layer.bias_delta is not None:
+                tensors[f"{name}.bias_delta"] = layer.bias_delta.detach().cpu().clone()
         meta[name] = {"shape": [layer.out_features, layer.in_features], "axis": layer.axis,
                       "k": layer.index.numel(), "dtype": str(layer.delta.dtype).removeprefix("torch.")}
     return tensors, meta
@@ -151,9 +154,10 @@ def copy_adapter_into(model: nn.Module, adapter: SparseAdapter) -> None:
     for name, layer in layers.items():
         if not torch.equal(layer.index.cpu(), adapter.selection[name]):
             raise ValueError(f"the model's slice {name!r} trains other neurons than the adapter's")
-        layer.delta.copy_(adapter.tensors[f"{name}.delta"])
-        if layer.bias_delta is not None:
-            layer.bias_delta.copy_(adapter.tensors[f"{name}.bias_delta"])
+        with gathered([layer.delta, layer.bias_delta], modifier_rank=0):
+            layer.delta.copy_(adapter.tensors[f"{name}.delta"])
+            if layer.bias_delta is not None:
+                layer.bias_delta.copy_(adapter.tensors[f"{name}.bias_delta"])
 
 
 def load_sparse_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:

@@ -6,9 +6,7 @@ from collections import defaultdict
 from torch import nn
 
 from .inject import sliced_modules
-
-# Adam keeps two moments per trained weight: bytes per weight for each state storage
-ADAM_STATE_BYTES = {"float32": 8.0, "bfloat16": 4.0, "int8": 2.0 + 2 * 4 / 256}  # int8: + fp32 scale per 256
+from .optim import adam_state_bytes_per_param
 
 
 def selection_summary(model: nn.Module, optimizer_state: str = "float32") -> dict:
@@ -27,8 +25,8 @@ def selection_summary(model: nn.Module, optimizer_state: str = "float32") -> dic
         "trainable_params": trainable,
         "model_params": frozen,
         "trainable_percent": 100.0 * trainable / max(frozen, 1),
-        "optimizer_state_bytes": int(trainable * ADAM_STATE_BYTES[optimizer_state]),
-        "full_ft_adamw_state_bytes": int(frozen * ADAM_STATE_BYTES["float32"]),
+        "optimizer_state_bytes": int(trainable * adam_state_bytes_per_param(optimizer_state)),
+        "full_ft_adamw_state_bytes": int(frozen * adam_state_bytes_per_param("float32")),
     }
 
 

@@ -5,7 +5,7 @@ builds the optimizer, wraps the model (accelerate/DDP) or starts DeepSpeed, so t
 registered parameters that all of them see. `on_train_begin` would be too late."""
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 from typing import Iterator, Optional
@@ -17,8 +17,8 @@ from torch.utils.data.distributed import DistributedSampler
 from transformers import Trainer
 from transformers.utils import logging
 
-from .checkpoint import (copy_adapter_into, check_adapter_fits, is_sparse_adapter_dir, read_sparse_adapter,
-                         save_sparse_adapter)
+from .checkpoint import (adapter_state, copy_adapter_into, check_adapter_fits, is_sparse_adapter_dir,
+                         read_sparse_adapter, save_sparse_adapter)
 from .checkpoint_dirs import last_complete_checkpoint, require_complete_checkpoint
 from .config import SparseNeuronConfig
 from .importance import score_neurons
@@ -27,6 +27,7 @@ from .optim import SliceAdamW
 from .selection import layer_budget, select_neurons
 from .summary import format_summary, selection_summary
 from .targets import find_target_layers
+from .zero3 import gathered, model_is_partitioned
 
 logger = logging.get_logger(__name__)
 
@@ -91,10 +92,18 @@ class SparseNeuronTrainer(Trainer):
     def _select_neurons(self) -> dict[str, torch.Tensor]:
         cfg = self.sparse_config
         layers = find_target_layers(self.model, cfg.target_modules)
-        batches = self._calibration_batches() if cfg.importance in NEEDS_DATA else None
-        scores = score_neurons(self.model, layers, cfg, batches=batches,
-                               loss_fn=self._calibration_loss,
-                               progress=self.is_local_process_zero() and not self.args.disable_tqdm)
+        needs_data = cfg.importance in NEEDS_DATA
+        batches = self._calibration_batches() if needs_data else None
+        partitioned = model_is_partitioned(self.model)
+        if needs_data and not partitioned and not self.is_model_parallel:
+            # DeepSpeed leaves the model on the CPU until its engine exists; calibration batches go to args.device
+            self.model.to(self.args.device)
+        # ZeRO-3: a calibration forward needs whole weights, gathered once for the scoring (weight-only criteria
+        # gather one layer at a time inside importance.py)
+        gather = gathered(self.model.parameters()) if needs_data and partitioned else contextlib.nullcontext()
+        with gather:
+            scores = score_neurons(self.model, layers, cfg, batches=batches, loss_fn=self._calibration_loss,
+                                   progress=self.is_local_process_zero() and not self.args.disable_tqdm)
         scores = _sum_over_ranks(scores, self.args.device)
         return _same_on_every_rank(select_neurons(scores, cfg))
 
@@ -139,7 +148,10 @@ class SparseNeuronTrainer(Trainer):
         if resume_from_checkpoint is not None:
             require_complete_checkpoint(resume_from_checkpoint)
         self.prepare_sparse_model(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        resume_patch = _deepspeed_resume_without_frozen_weights() if (
+            resume_from_checkpoint and self.is_deepspeed_enabled) else contextlib.nullcontext()
+        with resume_patch:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def create_optimizer(self, model=None):
         """SliceAdamW over the slices only (also what DeepSpeed wraps: ship configs without an optimizer block).
@@ -161,15 +173,32 @@ class SparseNeuronTrainer(Trainer):
         return self.optimizer
 
     # ---- saving and loading: slices + indices only, never the frozen base -------------------------------
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Write the sparse adapter (not the frozen base). Every rank must call it: under ZeRO-3 the slices
+        are gathered first; the main process writes."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        save_sparse_adapter(self.model, output_dir)
+        tensors, layer_meta = adapter_state(self.model)
+        if self.args.should_save:
+            self._write_adapter(output_dir, tensors, layer_meta)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        self.save_model(output_dir, _internal_call=True)  # whatever state_dict the caller built, adapter only
+
+    def _write_adapter(self, output_dir: str, tensors: dict, layer_meta: dict) -> None:
+        save_sparse_adapter(self.model, output_dir, tensors, layer_meta)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "training_args.json"), "w") as f:
             f.write(self.args.to_json_string())
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # DeepSpeed's own checkpoint: the slices' partitioned optimizer state; frozen weights left out
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if is_sparse_adapter_dir(resume_from_checkpoint):
@@ -184,6 +213,22 @@ class SparseNeuronTrainer(Trainer):
             copy_adapter_into(self.model, read_sparse_adapter(best))
             return
         return super()._load_best_model()
+
+
+@contextlib.contextmanager
+def _deepspeed_resume_without_frozen_weights():
+    """Our DeepSpeed checkpoints exclude frozen weights, but the Trainer loads them strictly unless the model is
+    a PeftModel; the slices themselves come from the sparse adapter, so a non-strict module load is right."""
+    import transformers.trainer as hf_trainer
+    original = hf_trainer.deepspeed_load_checkpoint
+
+    def load(engine, path, load_module_strict=True):
+        return original(engine, path, load_module_strict=False)
+    hf_trainer.deepspeed_load_checkpoint = load
+    try:
+        yield
+    finally:
+        hf_trainer.deepspeed_load_checkpoint = original
 
 
 def _sum_over_ranks(scores: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

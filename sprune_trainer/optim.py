@@ -1,0 +1,209 @@
+"""AdamW for the trainable neuron slices, with optionally compressed moments.
+
+Why not ``torch.optim.AdamW``: the trainer hands this optimizer only the small slice tensors
+(``delta`` of shape (k, d_in) per layer), so Adam state is 2·k·d_in numbers instead of
+2·d_out·d_in, and those moments can additionally be stored in bf16 (half the bytes) or as
+blockwise 8-bit codes (about a quarter), in pure torch, so it runs on CPU and GPU alike without
+bitsandbytes. With ``state_dtype="float32"`` the update is bit-for-bit torch's single-tensor
+AdamW (``foreach=False``), and the state dict uses torch's key names.
+
+Low-precision parameters (bf16/fp16): decay, moments and step are computed in fp32 from the upcast
+parameter and grad, and the parameter is rounded to its dtype once, on write-back (bf16 arithmetic
+would round after the decay and again after the step, losing small decays entirely). The moments
+are stored in ``state_dtype`` regardless of the parameter dtype.
+
+8-bit state (``state_dtype="int8"``), per block of 256 elements of the flattened tensor:
+  exp_avg     -> int8 code k in [-127, 127], value = sign(k) · MAG[|k|] · absmax(block)
+  exp_avg_sq  -> uint8 code c,  sqrt(value) = SQ[c] · max(sqrt(block))   (sqrt halves the range)
+MAG / SQ (``_dynamic_map``) are bitsandbytes-style "dynamic" maps (dynamic exponent + linear
+fraction, levels from 1e-6 to 1): a few percent relative precision even for entries decades below
+the block maximum, which a linear map rounds to zero. A positive second moment is never rounded
+to zero (the step would become m / eps). Each step dequantizes to fp32, does the AdamW math, and
+requantizes.
+"""
+
+import functools
+
+import torch
+
+from .config import OPTIMIZER_STATES as STATE_DTYPES
+
+BLOCK = 256
+_HPARAMS = ("lr", "betas", "eps", "weight_decay", "state_dtype")  # per param group
+
+
+def adam_state_bytes_per_param(state_dtype: str) -> float:
+    """Bytes of Adam moments per trainable number (ignoring the per-tensor step counter)."""
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype!r}")
+    # two moments; int8 adds one fp32 scale per moment per block of 256
+    return {"float32": 8.0, "bfloat16": 4.0, "int8": 2.0 + 2 * 4 / BLOCK}[state_dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
+    """Sorted quantization levels in [0, 1], built like bitsandbytes' create_dynamic_map.
+
+    signed=False (SQ): 256 levels: 0, the centres of 2^(i+1) linear bins in each decade
+    [10^(i-7), 10^(i-6)] for i = 0..6, and 1.
+    signed=True (MAG): 128 magnitudes, same with 2^i bins per decade (smallest centre dropped so
+    that ±127 fits int8); the int8 code's sign gives the value's sign.
+    """
+    levels = []
+    for i in range(7):
+        edges = torch.linspace(0.1, 1.0, (2**i if signed else 2 ** (i + 1)) + 1)
+        levels += (10.0 ** (i - 6) * (edges[:-1] + edges[1:]) / 2).tolist()
+    if signed:
+        levels = sorted(levels)[1:]
+    return torch.tensor(sorted(levels + [0.0, 1.0]), dtype=torch.float32, device=device)
+
+
+def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (any shape; >= 0 unless signed) -> codes (numel,) int8|uint8, scales (ceil(numel/256),) fp32.
+
+    Each value maps to the nearest level of its block-normalised magnitude |x| / absmax(block).
+    """
+    n = x.numel()
+    flat = x.detach().float().flatten()  # (numel,)
+    blocks = torch.nn.functional.pad(flat, (0, -n % BLOCK)).view(-1, BLOCK)  # (nb, 256)
+    scale = blocks.abs().amax(dim=1)  # (nb,)
+    xn = blocks.abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # (nb, 256) in [0, 1]
+    table = _dynamic_map(signed, x.device)
+    codes = torch.bucketize(xn, (table[1:] + table[:-1]) / 2).flatten()[:n]  # (numel,) level index
+    if signed:
+        return torch.where(flat < 0, -codes, codes).to(torch.int8), scale
+    return torch.where(flat > 0, codes.clamp_min(1), codes).to(torch.uint8), scale
+
+
+def dequantize_blockwise(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of quantize_blockwise (signedness from the code dtype) -> fp32 tensor of `shape`."""
+    n, signed = codes.numel(), codes.dtype == torch.int8
+    table = _dynamic_map(signed, codes.device)
+    c = torch.nn.functional.pad(codes.long(), (0, -n % BLOCK)).view(-1, BLOCK)  # (nb, 256)
+    values = table[c.abs()] * c.sign() if signed else table[c]
+    return (values * scale[:, None]).flatten()[:n].view(shape)
+
+
+class SliceAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose moments may be stored in fp32, bf16 or blockwise 8 bits.
+
+    Args mirror ``torch.optim.AdamW``; ``state_dtype`` ("float32" | "bfloat16" | "int8") may also
+    be set per param group.
+    """
+
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, state_dtype="float32"
+    ):
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype
+        )
+        _check_hparams(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        _check_hparams(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError("SliceAdamW does not support sparse gradients")
+        lr, (beta1, beta2), eps, wd, kind = (group[k] for k in _HPARAMS)
+        state = self.state[p]
+        if not state:
+            self._init_state(state, p, kind)
+
+        param = p.float()  # fp32 params: p itself (in place); bf16/fp16: an fp32 copy written back below
+        grad = p.grad.float()
+        if kind == "float32":
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        elif kind == "bfloat16":
+            exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()
+        else:
+            exp_avg = dequantize_blockwise(state["exp_avg_code"], state["exp_avg_scale"], p.shape)
+            sqrt_v = dequantize_blockwise(state["exp_avg_sq_code"], state["exp_avg_sq_scale"], p.shape)
+            exp_avg_sq = sqrt_v.square_()
+
+        # Same ops, same order as torch.optim.adam._single_tensor_adam (decoupled weight decay).
+        step_t = state["step"]
+        step_t += 1
+        if wd != 0:
+            param.mul_(1 - lr * wd)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+        if param is not p:
+            p.copy_(param)
+        if kind == "bfloat16":
+            state["exp_avg"].copy_(exp_avg)
+            state["exp_avg_sq"].copy_(exp_avg_sq)
+        elif kind == "int8":
+            state["exp_avg_code"], state["exp_avg_scale"] = quantize_blockwise(exp_avg, signed=True)
+            sqrt_v = exp_avg_sq.sqrt_()
+            state["exp_avg_sq_code"], state["exp_avg_sq_scale"] = quantize_blockwise(sqrt_v, signed=False)
+
+    @staticmethod
+    def _init_state(state: dict, p: torch.Tensor, kind: str) -> None:
+        # fp32 step counter on CPU, exactly as torch's non-capturable Adam keeps it
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if kind == "int8":
+            n, nb = p.numel(), -(-p.numel() // BLOCK)
+            state["exp_avg_code"] = torch.zeros(n, dtype=torch.int8, device=p.device)  # (numel,)
+            state["exp_avg_scale"] = torch.zeros(nb, dtype=torch.float32, device=p.device)  # (nb,)
+            state["exp_avg_sq_code"] = torch.zeros(n, dtype=torch.uint8, device=p.device)  # (numel,) of sqrt
+            state["exp_avg_sq_scale"] = torch.zeros(nb, dtype=torch.float32, device=p.device)  # (nb,)
+        else:
+            dtype = torch.float32 if kind == "float32" else torch.bfloat16
+            state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch's loader casts every floating state tensor to its param's dtype (fp32 scales of a
+        # bf16 param would become bf16, bf16 moments fp32). Keep the saved dtypes: re-copy them,
+        # to the param's device (the step counter stays on CPU, as in torch).
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            if i in state_dict["state"]:
+                self.state[p] = {
+                    k: v.to("cpu" if k == "step" else p.device, copy=True)
+                    for k, v in state_dict["state"][i].items()
+                }
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (moments, scales and step counters)."""
+        tensors = [v for s in self.state.values() for v in s.values() if torch.is_tensor(v)]
+        return sum(v.numel() * v.element_size() for v in tensors)
+
+
+def _check_hparams(group: dict) -> None:
+    lr, betas, eps, wd, kind = (group[k] for k in _HPARAMS)
+    if not lr >= 0.0:
+        raise ValueError(f"SliceAdamW: lr must be >= 0, got {lr}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"SliceAdamW: betas must be two numbers in [0, 1), got {betas}")
+    if not eps >= 0.0:
+        raise ValueError(f"SliceAdamW: eps must be >= 0, got {eps}")
+    if not wd >= 0.0:
+        raise ValueError(f"SliceAdamW: weight_decay must be >= 0, got {wd}")
+    if kind not in STATE_DTYPES:
+        raise ValueError(f"SliceAdamW: state_dtype must be one of {STATE_DTYPES}, got {kind!r}")
