@@ -1,0 +1,462 @@
+"""Neuron importance: one score per output row (or input column) of every targeted linear.
+
+Entry point: `score_neurons(model, layers, config, batches, loss_fn)`. Each criterion is one small class with
+one `score` method (Torch-Pruning's `Importance` shape), looked up by name in `IMPORTANCES`:
+
+    random        seeded uniform                                        nothing
+    l1 / l2       ||W_i||_1 / ||W_i||_2                                 weights
+    taylor        sum_batches |sum_j W_ij dL/dW_ij|                     backward, output hooks
+    hessian       sum_batches sum_j W_ij^2 (dL/dW_ij)^2  (OBD, diag. Fisher)  backward, output hooks
+    zeroth_order  taylor with an SPSA gradient estimate                 two forwards per batch, no backward
+
+"Row i" is output neuron i of W (d_out, d_in); with `config.axis == "columns"` every criterion is the same
+with W transposed (score of input feature j sums over rows i).
+
+Data-driven criteria never compute weight gradients: every parameter is frozen for the duration, the
+input-embedding output is made to require grad, and the per-layer quantities come from forward hooks
+(layer input x, output y) and tensor hooks on y (g = dL/dy). So they work unchanged on a frozen, quantized
+(bitsandbytes) base; weights are read through `dense_weight` (dequantized / ZeRO-3 gathered) only where a
+criterion needs them. Model state (requires_grad flags, train/eval modes, global RNG, hooks) is restored
+afterwards, also on error.
+
+Distributed note: scores are computed from this process's batches only; under DDP/ZeRO the caller must make
+the selection identical on every rank (all-reduce the scores, or broadcast rank 0's selection).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import SparseNeuronConfig
+
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def _seed_from(*parts) -> int:
+    """A 63-bit seed derived from `parts` (stable across processes, unlike `hash`)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """Seed of the `random` criterion for layer `name`."""
+    return _seed_from("random", seed, name)
+
+
+def spsa_direction(shape: torch.Size, seed: int, batch_index: int, layer_index: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """The SPSA direction z (fp32, N(0, 1), `shape` = W's shape) of one layer for one batch.
+
+    Drawn from its own generator seeded with (seed, batch_index, layer_index), so it is regenerated
+    wherever needed instead of being stored for all layers."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_seed_from("spsa", seed, batch_index, layer_index))
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def dense_weight(layer: nn.Module) -> Iterator[torch.Tensor]:
+    """Yield `layer`'s weight as a dense fp32 (d_out, d_in) tensor.
+
+    Dequantizes bitsandbytes 4-bit (`quant_state`) / 8-bit (`SCB`) weights and gathers a ZeRO-3 partitioned
+    weight (`ds_id`) for the duration of the block. Read-only: the layer itself is never modified."""
+    weight = layer.weight
+    gather = contextlib.nullcontext()
+    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+    with gather:
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is not None:  # bnb Params4bit
+            import bitsandbytes.functional as bnbf
+
+            w = bnbf.dequantize_4bit(weight.data, quant_state)
+        elif weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:  # bnb Int8Params
+            w = weight.data.float() * (weight.SCB.float().unsqueeze(1) / 127.0)
+        else:
+            w = weight.detach()
+        yield w.float()
+
+
+def _reduce_dim(config: SparseNeuronConfig) -> int:
+    """Dimension of W summed over: 1 for one score per row, 0 for one per column."""
+    return 1 if config.axis == "rows" else 0
+
+
+def _as_2d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, T, d) or (N, d) -> (tokens, d), detached, dtype kept."""
+    return None if t is None else t.detach().reshape(-1, t.shape[-1])
+
+
+def _n_scores(layer: nn.Module, config: SparseNeuronConfig) -> int:
+    """d_out (rows) or d_in (columns); from the module's features, as 4-bit weights are stored packed."""
+    if hasattr(layer, "out_features") and hasattr(layer, "in_features"):
+        return layer.out_features if config.axis == "rows" else layer.in_features
+    return layer.weight.shape[0 if config.axis == "rows" else 1]
+
+
+def _default_loss(model: nn.Module, batch: dict) -> Optional[torch.Tensor]:
+    out = model(**batch)
+    if isinstance(out, dict):
+        return out.get("loss")
+    return getattr(out, "loss", None)
+
+
+def _calibration(batches: Optional[Iterable[dict]], config: SparseNeuronConfig, criterion: str,
+                 progress: bool) -> Iterator[dict]:
+    """The first `config.calibration_batches` batches (never pulls one more), under a progress bar."""
+    if batches is None:
+        raise ValueError(f"importance={criterion!r} needs calibration batches (got batches=None); pass the "
+                         "train dataloader or use importance='l2' / 'l1' / 'random'.")
+    n = config.calibration_batches
+    try:
+        total = min(n, len(batches))
+    except TypeError:  # generators, iterable-dataset dataloaders
+        total = n
+    return iter(tqdm(itertools.islice(batches, n), total=total, desc=f"importance ({criterion})",
+                     unit="batch", disable=not progress))
+
+
+def _no_batches_error(criterion: str) -> ValueError:
+    return ValueError(f"importance={criterion!r} needs calibration batches, but the iterable was empty.")
+
+
+def _no_loss_error(criterion: str) -> ValueError:
+    return ValueError(f"importance={criterion!r}: the loss is None or does not depend on the model; the "
+                      "calibration batches need labels (e.g. `labels` for a causal LM), or pass a loss_fn "
+                      "that returns a differentiable scalar loss.")
+
+
+@contextlib.contextmanager
+def _scoring_mode(model: nn.Module, layers: dict[str, nn.Module], need_input_grad: bool):
+    """Eval mode, forked global RNG and, if `need_input_grad`, frozen parameters with grad-requiring inputs.
+
+    Gradients then reach every layer output without any parameter gradient being computed or stored.
+    Everything (modes, flags, RNG, hooks) is restored on exit, also on error."""
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    handles = []
+    accel = sorted({(p.device.type, p.device.index) for p in params
+                    if p.device.type not in ("cpu", "meta") and p.device.index is not None})
+    device_type = accel[0][0] if accel else None
+    rng = torch.random.fork_rng(devices=[i for t, i in accel if t == device_type],
+                                device_type=device_type or "cuda")
+    try:
+        with rng:
+            model.eval()
+            if need_input_grad:
+                for p in params:
+                    p.requires_grad_(False)
+                emb = None
+                try:
+                    emb = model.get_input_embeddings()
+                except (AttributeError, NotImplementedError):
+                    pass
+                if emb is None:
+                    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+                if emb is not None:
+                    handles.append(emb.register_forward_hook(_output_requires_grad))
+                # safety net (models without embeddings, inputs_embeds, ...): a layer whose input does not
+                # require grad gets a grad-requiring alias of it, so its output still receives dL/dy
+                for layer in layers.values():
+                    handles.append(layer.register_forward_pre_hook(_input_requires_grad))
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        for m, training in modes:
+            m.training = training
+
+
+def _output_requires_grad(module, args, output):
+    if torch.is_tensor(output) and output.is_floating_point() and not output.requires_grad:
+        return output.detach().requires_grad_(True)
+    return None
+
+
+def _input_requires_grad(module, args):
+    if torch.is_grad_enabled() and args and torch.is_tensor(args[0]) and args[0].is_floating_point() \
+            and not args[0].requires_grad:
+        return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# criteria
+# ----------------------------------------------------------------------------------------------------------
+
+class Importance:
+    """A criterion: `score` returns {layer name: fp32 scores on the layer's device} (length d_out for rows,
+    d_in for columns). `needs_data` criteria consume calibration batches."""
+
+    needs_data = False
+
+    def __init__(self, config: SparseNeuronConfig):
+        self.config = config
+
+    def score(self, model: nn.Module, layers: dict[str, nn.Module], batches: Optional[Iterable[dict]],
+              loss_fn: LossFn, progress: bool) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class RandomImportance(Importance):
+    """Uniform [0, 1) scores from a generator seeded by (config.seed, layer name); global RNG untouched."""
+
+    def score(self, model, layers, batches, loss_fn, progress):
+        out = {}
+        for name, layer in layers.items():
+            gen = torch.Generator().manual_seed(layer_seed(self.config.seed, name))
+            out[name] = torch.rand(_n_scores(layer, self.config), generator=gen, dtype=torch.float32)
+        return out
+
+
+class NormImportance(Importance):
+    """||W_i||_p computed in fp32 (`p` = 1 or 2)."""
+
+    p: float = 2.0
+
+    def score(self, model, layers, batches, loss_fn, progress):
+        out = {}
+        for name, layer in layers.items():
+            with dense_weight(layer) as w:  # (d_out, d_in)
+                out[name] = torch.linalg.vector_norm(w, ord=self.p, dim=_reduce_dim(self.config))
+        return out
+
+
+class L1Importance(NormImportance):
+    p = 1.0
+
+
+class L2Importance(NormImportance):
+    p = 2.0
+
+
+class GradientImportance(Importance):
+    """Shared loop of the backward-hook criteria.
+
+    Per batch, every call of a layer contributes `batch_term(layer, x, y, g)` (x: (tokens, d_in) input,
+    y: (tokens, d_out) output, g = dL/dy (tokens, d_out), all in the model's dtype; x / y are None unless
+    `uses_input` / `uses_output`, so only what a criterion needs is kept until backward). The terms of one
+    batch are summed (a layer used several times per forward gets its full weight gradient) and
+    `finish(layer, total)` turns the sum into the batch's non-negative score increment. A layer is finished as soon as the grads of all its calls have
+    arrived, so a large per-layer term (hessian's d_out x d_in gradient) lives for one layer at a time."""
+
+    needs_data = True
+    name = "gradient"
+    uses_input = True
+    uses_output = False
+
+    def batch_term(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, layer: nn.Module, total: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, model, layers, batches, loss_fn, progress):
+        scores: dict[str, torch.Tensor] = {}
+        pending: dict[str, torch.Tensor] = {}  # summed batch_term of layers still waiting for grads
+        calls: dict[str, int] = {}  # forward calls this batch whose output requires grad
+        received: dict[str, int] = {}  # grads received this batch
+
+        def flush(name):
+            inc = self.finish(layers[name], pending.pop(name))
+            scores[name] = scores[name] + inc if name in scores else inc
+
+        def make_forward_hook(name):
+            def forward_hook(module, args, output):
+                if not (torch.is_tensor(output) and output.requires_grad):
+                    return
+                calls[name] = calls.get(name, 0) + 1
+                x = _as_2d(args[0]) if self.uses_input else None
+                y = _as_2d(output) if self.uses_output else None
+
+                def grad_hook(g):
+                    term = self.batch_term(module, x, y, _as_2d(g))
+                    pending[name] = pending[name] + term if name in pending else term
+                    received[name] = received.get(name, 0) + 1
+                    if received[name] == calls[name]:
+                        flush(name)
+
+                output.register_hook(grad_hook)
+            return forward_hook
+
+        n_batches = 0
+        with _scoring_mode(model, layers, need_input_grad=True):
+            handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
+            try:
+                for batch in _calibration(batches, self.config, self.name, progress):
+                    calls.clear()
+                    received.clear()
+                    loss = loss_fn(model, batch)
+                    if loss is None or not torch.is_tensor(loss) or not loss.requires_grad:
+                        raise _no_loss_error(self.name)
+                    loss.backward()
+                    for name in list(pending):  # a call whose output never reached the loss
+                        flush(name)
+                    n_batches += 1
+            finally:
+                for h in handles:
+                    h.remove()
+                pending.clear()
+        if n_batches == 0:
+            raise _no_batches_error(self.name)
+        return scores
+
+
+class TaylorImportance(GradientImportance):
+    """First-order Taylor: sum over batches of |sum_j W_ij dL/dW_ij|, from the layer output alone.
+
+    rows:    sum_j W_ij dL/dW_ij = sum_tokens (y_ti - b_i) g_ti           (no weight needed)
+    columns: sum_i W_ij dL/dW_ij = sum_tokens x_tj (g_t @ W)_j"""
+
+    name = "taylor"
+
+    def __init__(self, config: SparseNeuronConfig):
+        super().__init__(config)
+        self.uses_output = config.axis == "rows"
+        self.uses_input = not self.uses_output
+
+    def batch_term(self, layer, x, y, g):
+        g = g.float()
+        if self.config.axis == "rows":
+            term = (y.float() * g).sum(0)  # (d_out,)
+            if getattr(layer, "bias", None) is not None:
+                term = term - layer.bias.detach().float() * g.sum(0)
+            return term
+        with dense_weight(layer) as w:
+            return ((g @ w) * x.float()).sum(0)  # (tokens, d_in) -> (d_in,)
+
+    def finish(self, layer, total):
+        return total.abs()
+
+
+class HessianImportance(GradientImportance):
+    """OBD with the diagonal Fisher: sum over batches of sum_j W_ij^2 G_ij^2, G = g^T x the batch's weight
+    gradient, formed for one layer at a time inside its grad hook."""
+
+    name = "hessian"
+
+    def batch_term(self, layer, x, y, g):
+        return g.float().t() @ x.float()  # (d_out, d_in)
+
+    def finish(self, layer, total):
+        with dense_weight(layer) as w:
+            return (w.square() * total.square()).sum(_reduce_dim(self.config))
+
+
+class ZerothOrderImportance(Importance):
+    """Taylor with an SPSA gradient estimate: two forward passes per batch, no backward, weights untouched.
+
+    For batch b every layer l draws z_l ~ N(0, I) (shape of W, from `spsa_direction(seed, b, l)`, regenerated
+    rather than stored); forward hooks add +eps x z_l^T, then -eps x z_l^T, to the layer outputs, which is
+    the forward of W +- eps z with the frozen (possibly quantized) base left as is. With
+    c = (L+ - L-) / (2 eps), c z_l estimates dL/dW_l, so c sum_j W_ij z_ij estimates sum_j W_ij dL/dW_ij.
+
+    Unlike `taylor`, the SIGNED estimates are accumulated over batches and the score is the absolute value
+    of the sum: each estimate is the true Taylor term plus zero-mean SPSA noise as large as the signal, so
+    summing |estimate| would add up |noise| (biasing every row towards its norm), while the signed sum
+    averages the noise out. It therefore estimates |sum_batches sum_j W_ij dL/dW_ij|, which equals taylor's
+    score when the per-batch terms keep their sign. Layers not called in a batch get no update from it."""
+
+    needs_data = True
+    name = "zeroth_order"
+
+    def score(self, model, layers, batches, loss_fn, progress):
+        eps, dim = float(self.config.zo_eps), _reduce_dim(self.config)
+        index = {name: i for i, name in enumerate(layers)}
+        state = {"batch": 0, "sign": 0.0}
+        proj: dict[str, torch.Tensor] = {}  # sum_j W_ij z_ij of this batch, per layer
+        acc: dict[str, torch.Tensor] = {}
+
+        def make_forward_hook(name):
+            def forward_hook(module, args, output):
+                if state["sign"] == 0.0:
+                    return None
+                x = args[0]
+                with dense_weight(module) as w:
+                    z = spsa_direction(w.shape, self.config.seed, state["batch"], index[name], w.device)
+                    if state["sign"] > 0 and name not in proj:
+                        proj[name] = (w * z).sum(dim)
+                dt = torch.promote_types(output.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
+                delta = x.to(dt) @ z.to(dt).t()  # (..., d_out)
+                return (output.to(dt) + state["sign"] * eps * delta).to(output.dtype)
+            return forward_hook
+
+        n_batches = 0
+        with _scoring_mode(model, layers, need_input_grad=False), torch.no_grad():
+            handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
+            try:
+                for b, batch in enumerate(_calibration(batches, self.config, self.name, progress)):
+                    state["batch"] = b
+                    losses = []
+                    for sign in (1.0, -1.0):
+                        state["sign"] = sign
+                        loss = loss_fn(model, batch)
+                        if loss is None or not torch.is_tensor(loss):
+                            raise _no_loss_error(self.name)
+                        losses.append(loss.double().item())
+                    state["sign"] = 0.0
+                    c = (losses[0] - losses[1]) / (2 * eps)
+                    for name, p in proj.items():
+                        acc[name] = acc[name] + c * p if name in acc else c * p
+                    proj.clear()
+                    n_batches += 1
+            finally:
+                state["sign"] = 0.0
+                for h in handles:
+                    h.remove()
+        if n_batches == 0:
+            raise _no_batches_error(self.name)
+        return {name: a.abs() for name, a in acc.items()}
+
+
+IMPORTANCES: dict[str, type[Importance]] = {
+    "random": RandomImportance,
+    "l1": L1Importance,
+    "l2": L2Importance,
+    "taylor": TaylorImportance,
+    "hessian": HessianImportance,
+    "zeroth_order": ZerothOrderImportance,
+}
+
+
+def score_neurons(model: nn.Module, layers: dict[str, nn.Linear], config: SparseNeuronConfig,
+                  batches: Iterable[dict] | None = None, loss_fn: LossFn | None = None,
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """Score every neuron of `layers` with `config.importance`.
+
+    Args:
+        model: the model containing `layers` (left exactly as it was found).
+        layers: name -> frozen base linear (weight (d_out, d_in), optional bias) inside `model`.
+        config: uses `importance`, `axis`, `calibration_batches`, `seed`, `zo_eps`.
+        batches: device-placed input dicts (e.g. the train dataloader); at most `calibration_batches` are
+            taken. Needed by taylor / hessian / zeroth_order, ignored by the others.
+        loss_fn: `loss_fn(model, batch) -> scalar loss`; default `model(**batch).loss`.
+        progress: show a tqdm bar over the calibration batches.
+
+    Returns:
+        name -> 1-D float32 CPU tensor: d_out scores (axis="rows") or d_in scores (axis="columns").
+    """
+    importance = IMPORTANCES[config.importance](config)
+    scores = importance.score(model, layers, batches, loss_fn or _default_loss, progress)
+    out = {}
+    for name, layer in layers.items():
+        if name in scores:
+            out[name] = scores[name].detach().float().cpu()
+        else:  # never reached the loss: no evidence of importance
+            out[name] = torch.zeros(_n_scores(layer, config), dtype=torch.float32)
+    return out
