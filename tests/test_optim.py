@@ -59,17 +59,21 @@ def _assert_same(ours, theirs, opt_ours, opt_theirs):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
+def _step_both(step, ours, theirs, opt, ref):
+    grads = _grads(step, ours)
+    _set_grads(ours, grads)
+    _set_grads(theirs, grads)
+    opt.step()
+    ref.step()
+    _assert_same(ours, theirs, opt, ref)
+
+
 def test_fp32_matches_torch_adamw_bitwise():
     ours, theirs = _copies()
     opt = SliceAdamW(_groups(ours), lr=1e-2)
     ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, foreach=False)
     for step in range(30):
-        grads = _grads(step, ours)
-        _set_grads(ours, grads)
-        _set_grads(theirs, grads)
-        opt.step()
-        ref.step()
-        _assert_same(ours, theirs, opt, ref)
+        _step_both(step, ours, theirs, opt, ref)
     assert not torch.equal(ours[0], _copies()[0][0])  # it did move
 
 
@@ -111,12 +115,7 @@ def test_state_dict_round_trip_continues_torch_trajectory(via_bytes):
             opt = SliceAdamW(_groups(ours), lr=1.0, weight_decay=0.0)  # hyper-parameters come from sd
             opt.load_state_dict(sd)
             assert opt.param_groups[1]["lr"] == 0.1 and opt.param_groups[0]["weight_decay"] == 0.01
-        grads = _grads(step, ours)
-        _set_grads(ours, grads)
-        _set_grads(theirs, grads)
-        opt.step()
-        ref.step()
-        _assert_same(ours, theirs, opt, ref)
+        _step_both(step, ours, theirs, opt, ref)
 
 
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
