@@ -1,0 +1,62 @@
+"""Model shapes of real Llama checkpoints, built with random weights directly on the target device.
+
+No weights are downloaded: speed and memory depend on the shapes only. The weights are HF's own random
+init (normal, std 0.02), drawn on the device, never zeros (zeros can make matrix products run faster)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+# name -> LlamaConfig fields (from each checkpoint's config.json; rope scaling left out: no cost difference)
+SHAPES: dict[str, dict] = {
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0),
+    # --smoke: CPU-sized, but every projection still has >= 64 rows and columns (r = 64 fits)
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False, rope_theta=10000.0),
+}
+
+# the seven projections every adapter method is applied to (never lm_head / embeddings / norms)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama_config(name: str):
+    from transformers import LlamaConfig
+    return LlamaConfig(**SHAPES[name], max_position_embeddings=8192, use_cache=False,
+                       attention_dropout=0.0, mlp_bias=False, attention_bias=False)
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """(model, info): a random-init `LlamaForCausalLM` of shape `name`, allocated and initialised on `device`."""
+    from transformers import AutoModelForCausalLM
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(llama_config(name), dtype=dtype)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    info = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "build_s": time.perf_counter() - t0,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        **SHAPES[name],
+    }
+    return model, info
+
+
+def random_batch(vocab: int, batch: int, seq: int, device: torch.device, seed: int = 0) -> dict:
+    """Causal-LM batch of uniformly random token ids (labels = inputs)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    return {"input_ids": ids, "labels": ids}
