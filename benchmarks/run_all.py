@@ -204,15 +204,19 @@ def run_main(args, device):
     runner = Runner(args, device, "main", path)
     for name, jobs in plans.main_plan(args.models, args.batch_seq, args.checkpointing, args.r).items():
         runner.run_model(name, jobs, score=True)
-    runs = runner.doc["runs"]
-    report.write_csv(runs, report.RUN_COLUMNS, os.path.join(args.out, "results.csv"))
     report.write_csv(runner.doc["scoring"], report.SCORING_COLUMNS, os.path.join(args.out, "scoring.csv"))
-    plot_main(runs, os.path.join(args.out, "results.png"))
+    _write_outputs(runner, args.out, "results", plot_main)
+    return runner
+
+
+def _write_outputs(runner, out, stem, plot):
+    """<stem>.csv, .png and .md (the table is printed too) from the runs measured so far."""
+    report.write_csv(runner.doc["runs"], report.RUN_COLUMNS, os.path.join(out, f"{stem}.csv"))
+    plot(runner.doc["runs"], os.path.join(out, f"{stem}.png"))
     table = markdown(runner.doc)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(table)
     print("\n" + table, flush=True)
-    return runner
 
 
 def run_sweep(args, device):
@@ -224,12 +228,7 @@ def run_sweep(args, device):
     plan = plans.sweep_plan(args.sweep_model, args.size_models.split(","), rs, seq_shapes, args.batch_seq[0])
     for name, jobs in plan.items():
         runner.run_model(name, jobs)
-    report.write_csv(runner.doc["runs"], report.RUN_COLUMNS, os.path.join(args.out, "sweep.csv"))
-    plot_sweeps(runner.doc["runs"], os.path.join(args.out, "sweep.png"))
-    table = markdown(runner.doc)
-    with open(os.path.join(args.out, "sweep.md"), "w") as f:
-        f.write(table)
-    print("\n" + table, flush=True)
+    _write_outputs(runner, args.out, "sweep", plot_sweeps)
     return runner
 
 
