@@ -13,6 +13,7 @@ SCOPES = ("per_layer", "global")
 AXES = ("rows", "columns")
 SLICE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 OPTIMIZER_STATES = ("float32", "bfloat16", "int8")
+QUANTIZE_BASES = ("nf4", "fp4")
 
 
 @dataclass
@@ -60,6 +61,24 @@ class SparseNeuronConfig:
         default="float32",
         metadata={"help": f"Adam moment storage, one of {OPTIMIZER_STATES}: 8, 4 or ~2 bytes per trained weight."},
     )
+    quantize_base: Optional[str] = field(
+        default=None,
+        metadata={"help": f"Quantize the targeted linears of a full-precision model to bitsandbytes 4-bit, one of "
+                          f"{QUANTIZE_BASES}, when the slices are put in (QLoRA-style frozen base: blocksize 64, "
+                          "compute and storage dtype = the weight's dtype, so ZeRO-3 can partition it). Leave unset "
+                          "for a model loaded with BitsAndBytesConfig (4/8-bit) or kept in full precision."},
+    )
+    double_quant: bool = field(
+        default=False, metadata={"help": "quantize_base: also quantize the 4-bit scales (QLoRA's double "
+                                         "quantization, ~0.4 bit/weight less; merges re-quantize less exactly)."}
+    )
+    init_from_quantization_error: bool = field(
+        default=False,
+        metadata={"help": "Low-quantization-error start: while quantize_base turns a full-precision weight W into "
+                          "Q(W), start each selected row's slice at the residual (W - dequant(Q(W)))[I], so the "
+                          "selected rows reproduce W exactly (up to the slice dtype) and only the other rows keep "
+                          "the 4-bit error. Needs the full-precision model: a model loaded in 4/8-bit has lost W."},
+    )
     zo_eps: float = field(default=1e-3, metadata={"help": "zeroth_order: SPSA perturbation size."})
     seed: int = field(default=0, metadata={"help": "Seed for random scoring, SPSA directions and calibration order."})
 
@@ -91,6 +110,14 @@ class SparseNeuronConfig:
             raise ValueError("train_bias needs axis='rows' (a column slice touches every output's bias).")
         if self.importance in ("taylor", "hessian", "zeroth_order") and self.calibration_batches <= 0:
             raise ValueError(f"importance={self.importance!r} needs calibration_batches > 0.")
+        if self.quantize_base is not None and self.quantize_base not in QUANTIZE_BASES:
+            raise ValueError(f"Unknown quantize_base {self.quantize_base!r}; choose one of {QUANTIZE_BASES} or None.")
+        if self.double_quant and self.quantize_base is None:
+            raise ValueError("double_quant applies to the 4-bit base that quantize_base makes: set quantize_base too "
+                             "(a model loaded with BitsAndBytesConfig keeps its own bnb_4bit_use_double_quant).")
+        if self.init_from_quantization_error and self.quantize_base is None:
+            raise ValueError("init_from_quantization_error corrects the error of quantizing full-precision weights: "
+                             "set quantize_base='nf4' (or 'fp4') and pass a full-precision model.")
         if self.zo_eps <= 0:
             raise ValueError(f"zo_eps must be > 0, got {self.zo_eps}.")
         tm = self.target_modules
@@ -98,8 +125,10 @@ class SparseNeuronConfig:
                                                           and all(isinstance(t, str) and t for t in tm))):
             raise ValueError(f"target_modules must be None, a regex string or a non-empty list of names, got {tm!r}.")
 
-    # what must agree between a checkpoint and the run resuming it (optimizer state may differ only in storage)
-    SELECTION_KEYS = ("importance", "neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias")
+    # what must agree between a checkpoint and the run resuming it: the neurons and the base they sit on
+    # (optimizer state may differ only in storage)
+    SELECTION_KEYS = ("importance", "neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias",
+                      "quantize_base", "double_quant", "init_from_quantization_error")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,11 +1,16 @@
-"""Module surgery: put `SlicedLinear` wrappers in place of the chosen linears, and take them out (merge)."""
+"""Module surgery: put `SlicedLinear` wrappers in place of the chosen linears (quantizing their bases on request),
+and take them out again (merge, optionally re-quantizing)."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .config import SparseNeuronConfig
+from .quantization import bnb_kind, dequantize_weight, dequantized_dtype, quantize_4bit, requantize_like
 from .sliced_linear import SlicedLinear, slice_dtype_for
+from .targets import find_target_layers
 
 CONFIG_ATTR = "sparse_neuron_config"  # the model remembers how it was sliced, for save_sparse_adapter
 
@@ -19,25 +24,81 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def layers_to_quantize(model: nn.Module, config: SparseNeuronConfig) -> dict[str, nn.Linear]:
+    """The full-precision linears `config.quantize_base` turns into 4-bit: every targeted linear (as QLoRA, also
+    those that get no neurons). Raises a clear error when one is quantized already: its W is gone."""
+    if config.quantize_base is None:
+        return {}
+    layers = find_target_layers(model, config.target_modules)
+    done = next(((n, bnb_kind(m)) for n, m in layers.items() if bnb_kind(m)), None)
+    if done is None:
+        return layers
+    name, kind = done
+    if config.init_from_quantization_error:
+        raise ValueError(
+            f"init_from_quantization_error needs the full-precision weights, but {name} is already a {kind} "
+            "bitsandbytes layer: a model loaded with a BitsAndBytesConfig has lost W, so W - dequant(Q(W)) cannot be "
+            "formed. Load the model in full precision (e.g. dtype=torch.bfloat16, no quantization_config) and keep "
+            f"quantize_base={config.quantize_base!r}: the slices' rows then start at the residual.")
+    raise ValueError(f"quantize_base={config.quantize_base!r} quantizes a full-precision model, but {name} is already "
+                     f"a {kind} bitsandbytes layer; leave quantize_base unset to train on this quantized base as it is.")
+
+
 def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: SparseNeuronConfig) -> dict[str, SlicedLinear]:
     """Freeze every parameter of `model`, then wrap each selected linear. Returns name -> SlicedLinear,
-    sorted by name so the optimizer's parameter order never depends on dict order."""
+    sorted by name so the optimizer's parameter order never depends on dict order.
+
+    With `config.quantize_base` every targeted linear becomes a 4-bit `bnb.nn.Linear4bit` first (one layer at a
+    time, so the full-precision weight is freed as it goes); with `config.init_from_quantization_error` the
+    slices start at (W - dequant(Q(W)))[I], so the selected rows reproduce W exactly."""
     if sliced_modules(model):
         raise ValueError("model already has sparse-neuron slices; merge_sparse() it or load into a fresh model")
+    to_quantize = layers_to_quantize(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = {}
-    for name in sorted(selection):
+    for name in sorted(set(selection) | set(to_quantize)):
         parent, child = _parent(model, name)
-        base = getattr(parent, child)
+        base = original = getattr(parent, child)
         if not isinstance(base, nn.Linear):
             raise ValueError(f"{name} is a {type(base).__name__}, not a linear layer")
-        layer = SlicedLinear(base, selection[name], axis=config.axis,
-                             dtype=slice_dtype_for(base, config.slice_dtype), train_bias=config.train_bias)
-        setattr(parent, child, layer)
-        wrapped[name] = layer
+        if name in to_quantize:
+            base = quantize_4bit(original.weight, original.bias, quant_type=config.quantize_base,
+                                 double_quant=config.double_quant)
+        if name in selection:
+            layer = SlicedLinear(base, selection[name], axis=config.axis,
+                                 dtype=slice_dtype_for(base, config.slice_dtype), train_bias=config.train_bias)
+            if config.init_from_quantization_error:  # delta = (W - dequant(Q(W)))[I]
+                with torch.no_grad():
+                    layer.delta.copy_(layer.select(original.weight).float() - layer.select(dequantize_weight(base)))
+            wrapped[name] = base = layer
+        setattr(parent, child, base)
     setattr(model, CONFIG_ATTR, config)
     return wrapped
+
+
+def quantize_with_sparse_correction(model: nn.Module, config: SparseNeuronConfig,
+                                    selection: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+    """Full-precision model -> 4-bit base + slices whose selected rows reproduce the original weights exactly.
+
+    The targeted linears become `bnb.nn.Linear4bit` (`config.quantize_base`, default 'nf4'); the neurons come from
+    `selection` (name -> indices) or, if None, from a weight-only `config.importance` (l1 / l2 / random). The
+    result trains with SparseNeuronTrainer as it is. Works in place and returns `model`."""
+    import dataclasses
+
+    config = dataclasses.replace(config, quantize_base=config.quantize_base or "nf4", init_from_quantization_error=True)
+    if selection is None:
+        from .importance import score_neurons
+        from .selection import select_neurons
+
+        if config.importance in ("taylor", "hessian", "zeroth_order"):
+            raise ValueError(f"importance={config.importance!r} scores on data: pass `selection` (e.g. from "
+                             "SparseNeuronTrainer) or use a weight-only criterion (l1, l2, random)")
+        layers_to_quantize(model, config)  # a clear error before any scoring if the model is quantized already
+        scores = score_neurons(model, find_target_layers(model, config.target_modules), config)
+        selection = select_neurons(scores, config)
+    inject_slices(model, selection, config)
+    return model
 
 
 def trainable_slice_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -45,16 +106,61 @@ def trainable_slice_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
 
 
 @torch.no_grad()
-def merge_sparse(model: nn.Module) -> nn.Module:
-    """Fold every slice into its base weight (W[I] += delta) and put the plain base linear back: the result is
-    an ordinary dense model (e.g. for `save_pretrained`). Works in place and returns `model`."""
+def merge_sparse(model: nn.Module, requantize: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Fold every slice into its base weight (W[I] += delta) and take the wrappers out. Works in place, returns
+    `model`.
+
+    requantize=False: an ordinary full-precision model for `save_pretrained`. Full-precision bases are merged in
+      place; every bitsandbytes layer (sliced or not) is dequantized to a plain nn.Linear in `dtype` (default: the
+      dtype a 4-bit weight was quantized from, else the model's own float dtype, e.g. its embeddings') and the
+      model's HF quantization markers are removed.
+    requantize=True: each sliced 4/8-bit base is dequantized, merged in fp32 and quantized again with its own
+      settings; unsliced layers are left as they are. Rows the slices did not touch re-quantize to the same codes
+      (NF4/FP4 without double quantization, int8): the error this adds sits in the trained rows only
+      (benchmarks/quantization/merge_requantize.py measures it against a merged QLoRA adapter)."""
     layers = sliced_modules(model)
     if not layers:
         raise ValueError("model has no sparse-neuron slices to merge")
+    quantized = {id(p) for m in model.modules() if bnb_kind(m) for p in m.parameters()}
+    model_dtype = next((p.dtype for p in model.parameters() if id(p) not in quantized and not p.requires_grad
+                        and p.dtype.is_floating_point), torch.float32)
     for name, layer in layers.items():
-        layer.merge()
+        base = layer.base_layer
+        if bnb_kind(base) is None:
+            if requantize:
+                raise ValueError(f"requantize=True but {name} has a full-precision base: nothing to re-quantize")
+            layer.merge()
+            merged = base
+        else:
+            weight, bias = layer.merged_weight(dequantize_weight(base)), layer.merged_bias()
+            merged = (requantize_like(base, weight, bias) if requantize
+                      else _dense_linear(weight, bias, dtype or dequantized_dtype(base, model_dtype)))
         parent, child = _parent(model, name)
-        setattr(parent, child, layer.base_layer)
+        setattr(parent, child, merged)
+    if not requantize:
+        _dequantize_remaining(model, dtype, model_dtype)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model
+
+
+def _dense_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> nn.Linear:
+    d_out, d_in = weight.shape
+    layer = nn.Linear(d_in, d_out, bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return layer
+
+
+def _dequantize_remaining(model: nn.Module, dtype: Optional[torch.dtype], model_dtype: torch.dtype) -> None:
+    """Plain nn.Linear in place of every bitsandbytes layer left; drop HF's quantization markers (a model that
+    still says it is quantized would be saved and reloaded as one)."""
+    for name, module in list(model.named_modules()):
+        if bnb_kind(module):
+            parent, child = _parent(model, name)
+            dense_dtype = dtype or dequantized_dtype(module, model_dtype)
+            setattr(parent, child, _dense_linear(dequantize_weight(module), module.bias, dense_dtype))
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)

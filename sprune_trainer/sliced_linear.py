@@ -82,6 +82,27 @@ class SlicedLinear(nn.Module):
             return y.index_add(-1, self.index, update.to(y.dtype))
         return y + (x.index_select(-1, self.index) @ delta.T).to(y.dtype)  # (..., d_out)
 
+    @property
+    def _dim(self) -> int:
+        return 0 if self.axis == "rows" else 1
+
+    def select(self, weight: torch.Tensor) -> torch.Tensor:
+        """The part of a dense (d_out, d_in) `weight` this slice covers: W[I] (k, d_in) or W[:, J] (d_out, k)."""
+        return weight.index_select(self._dim, self.index)
+
+    @torch.no_grad()
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A new fp32 tensor: the dense base `weight` (e.g. dequantized) with the slice added to its rows/columns."""
+        return weight.float().index_add(self._dim, self.index, self.delta.float())
+
+    @torch.no_grad()
+    def merged_bias(self):
+        """The base bias with the trained bias entries added (a new tensor), or the base bias itself."""
+        bias = self.base_layer.bias
+        if self.bias_delta is None:
+            return bias
+        return bias.float().index_add(0, self.index, self.bias_delta.float()).to(bias.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         """W[I] += delta (rows) or W[:, J] += delta (columns), in the base weight's dtype; unmerge() undoes it

@@ -22,8 +22,9 @@ from .checkpoint import (adapter_state, copy_adapter_into, check_adapter_fits, i
 from .checkpoint_dirs import last_complete_checkpoint, require_complete_checkpoint
 from .config import SparseNeuronConfig
 from .importance import score_neurons
-from .inject import inject_slices, sliced_modules
+from .inject import inject_slices, layers_to_quantize, sliced_modules
 from .optim import SliceAdamW
+from .quantization import check_zero3_quant_storage, loaded_with_bitsandbytes, require_bitsandbytes
 from .selection import layer_budget, select_neurons
 from .summary import format_summary, selection_summary
 from .targets import find_target_layers
@@ -41,7 +42,11 @@ class SparseNeuronTrainer(Trainer):
     called once the slices are in place, before the optimizer exists."""
 
     def __init__(self, *args, sparse_config: Optional[SparseNeuronConfig] = None, **kwargs):
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:
+            require_bitsandbytes(model)  # a quantized model without bitsandbytes: say so before anything runs
+        with _quantized_base_accepted(model):
+            super().__init__(*args, **kwargs)
         if self.model_init is not None:
             raise ValueError("SparseNeuronTrainer does not support model_init / hyperparameter search: the "
                              "neuron selection is made once, on the model passed in")
@@ -50,6 +55,7 @@ class SparseNeuronTrainer(Trainer):
         self.sparse_summary: Optional[dict] = None
         if not sliced_modules(self.model):
             self._check_budgets()  # bad targets / budgets fail here, before any data or training step
+        self._check_zero3_quantized_base()
 
     # ---- selection and surgery -------------------------------------------------------------------------
     def _check_budgets(self) -> None:
@@ -58,6 +64,18 @@ class SparseNeuronTrainer(Trainer):
             layer_budget(layer.out_features if cfg.axis == "rows" else layer.in_features, cfg, name)
         if cfg.importance in NEEDS_DATA and self.train_dataset is None:
             raise ValueError(f"importance={cfg.importance!r} scores neurons on training batches: pass train_dataset")
+        layers_to_quantize(self.model, cfg)  # quantize_base / low-error init on an already quantized model
+        if cfg.quantize_base and model_is_partitioned(self.model):
+            raise ValueError("quantize_base needs whole full-precision weights, but this model is ZeRO-3 partitioned "
+                             "(created after TrainingArguments(deepspeed=<ZeRO-3 config>)): create the model before "
+                             "the TrainingArguments, or load it with a BitsAndBytesConfig and leave quantize_base unset")
+
+    def _check_zero3_quantized_base(self) -> None:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():  # no-op without bitsandbytes layers
+            check_zero3_quant_storage(self.model, torch.bfloat16 if self.args.bf16 else
+                                      torch.float16 if self.args.fp16 else None)
 
     def prepare_sparse_model(self, resume_from_checkpoint: Optional[str] = None) -> dict:
         """Score, select and inject slices (or take them from the checkpoint being resumed). Idempotent."""
@@ -76,6 +94,8 @@ class SparseNeuronTrainer(Trainer):
 
         selection = adapter.selection if adapter is not None else self._select_neurons()
         inject_slices(self.model, selection, cfg)
+        if cfg.quantize_base:
+            self._check_zero3_quantized_base()  # the 4-bit layers quantize_base just made
         if getattr(self.args, "gradient_checkpointing", False) or getattr(self.args, "activation_checkpointing", False):
             # the frozen embeddings give checkpointed blocks inputs without grad; slices still need a backward
             self.model.enable_input_require_grads()
@@ -95,8 +115,9 @@ class SparseNeuronTrainer(Trainer):
         needs_data = cfg.importance in NEEDS_DATA
         batches = self._calibration_batches() if needs_data else None
         partitioned = model_is_partitioned(self.model)
-        if needs_data and not partitioned and not self.is_model_parallel:
+        if needs_data and not partitioned and not self.is_model_parallel and not loaded_with_bitsandbytes(self.model):
             # DeepSpeed leaves the model on the CPU until its engine exists; calibration batches go to args.device
+            # (a bitsandbytes model sits where its device_map put it; transformers 4.57 refuses to move an 8-bit one)
             self.model.to(self.args.device)
         # ZeRO-3: a calibration forward needs whole weights, gathered once for the scoring (weight-only criteria
         # gather one layer at a time inside importance.py)
@@ -213,6 +234,34 @@ class SparseNeuronTrainer(Trainer):
             copy_adapter_into(self.model, read_sparse_adapter(best))
             return
         return super()._load_best_model()
+
+
+@contextlib.contextmanager
+def _quantized_base_accepted(model):
+    """Let `Trainer.__init__` take a bitsandbytes-quantized model whose trainable parameters are our slices.
+
+    transformers refuses a model with `is_quantized` unless it is a PEFT model or carries PEFT adapters: 4.57 checks
+    inline in `Trainer.__init__`, 5.x in `trainer_utils.validate_quantization_for_training`; both skip the model when
+    `model._hf_peft_config_loaded` is set (PeftAdapterMixin.load_adapter sets it). We set that flag only while
+    `Trainer.__init__` runs (nothing else there reads it in 4.57 or 5.x) and restore it right after, so
+    save_pretrained, gradient checkpointing and every `_is_peft_model` path (saving, resuming, FSDP, DeepSpeed) see
+    the truth afterwards: a plain transformers model. Rejected: leaving the flag set (save_pretrained would then
+    try to save a PEFT adapter), patching validate_quantization_for_training (absent in 4.57), wrapping the model in
+    a PeftModel (changes every save/load path). A compiled model keeps HF's check; other quantization methods get
+    a clear error here."""
+    if not getattr(model, "is_quantized", False) or getattr(model, "_hf_peft_config_loaded", False) \
+            or hasattr(model, "_orig_mod"):
+        yield
+        return
+    if not loaded_with_bitsandbytes(model):
+        method = getattr(model, "quantization_method", None) or "an unknown method"
+        raise ValueError(f"SparseNeuronTrainer trains slices over full-precision or bitsandbytes 4/8-bit bases; this "
+                         f"model is quantized with {method}, which it cannot dequantize or merge")
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        del model._hf_peft_config_loaded  # back to the class default (False)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,9 @@ from sprune_trainer import SparseNeuronConfig
     (dict(neurons_per_layer=4, axis="columns", train_bias=True), "train_bias"),
     (dict(neurons_per_layer=4, importance="taylor", calibration_batches=0), "calibration_batches"),
     (dict(neurons_per_layer=4, target_modules=[]), "target_modules"),
+    (dict(neurons_per_layer=4, quantize_base="int4"), "Unknown quantize_base"),
+    (dict(neurons_per_layer=4, double_quant=True), "set quantize_base"),
+    (dict(neurons_per_layer=4, init_from_quantization_error=True), "set quantize_base='nf4'"),
 ])
 def test_bad_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,40 @@
+"""The quantization benchmark scripts run end to end (tiny shapes) and show what they are meant to show."""
+import json
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'sprune_trainer[bnb]')")
+pytest.importorskip("peft")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "quantization"))
+from test_quantization import needs_4bit  # noqa: E402  (the same CPU probe and skip reason)
+
+
+@needs_4bit
+def test_reconstruction_error_script(tmp_path):
+    import reconstruction_error
+    out = tmp_path / "recon.json"
+    total = reconstruction_error.main(["--shapes", "tiny", "--rows", "16", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["summary"] == total
+    row = saved["matrices"]["tiny.q_proj"]
+    assert row["params_ours"] == 16 * 128 and row["params_lora"] == 8 * 256  # the same budget
+    assert total["qlora"]["fro_total_ratio"] == 1.0
+    for method in ("ours_l2", "ours_best_rows", "loftq_T1", "loftq_T5"):
+        assert 0.5 < total[method]["fro_total_ratio"] < 1.0 and 0.5 < total[method]["nuc_total_ratio"] < 1.0
+    assert total["ours_best_rows"]["fro_total"] <= total["ours_l2"]["fro_total"]  # best rows are best for Frobenius
+
+
+@needs_4bit
+def test_merge_requantize_script(tmp_path):
+    import merge_requantize
+    out = tmp_path / "requant.json"
+    merge_requantize.main(["--shapes", "tiny", "--rows", "16", "--device", "cpu", "--update_scale", "0.01",
+                           "--out", str(out)])
+    saved = json.loads(out.read_text())
+    for row in saved["matrices"].values():
+        assert row["ours@0.01"]["rows_changed"] <= 16  # only the trained rows re-quantize differently
+        assert row["qlora@0.01"]["rows_changed"] > 16   # a low-rank update touches every row
+    s = saved["summary"]
+    assert s["ours@0.01"]["update_kept"] > 0.9 > s["qlora@0.01"]["update_kept"]
