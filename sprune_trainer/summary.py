@@ -15,8 +15,9 @@ def selection_summary(model: nn.Module, optimizer_state: str = "float32") -> dic
     for name, layer in layers.items():
         n_units = layer.out_features if layer.axis == "rows" else layer.in_features
         by_kind[name.split(".")[-1]].append((layer.index.numel(), n_units))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions keep the full size in ds_numel
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     frozen = total - trainable
     return {
         "sliced_layers": len(layers),
