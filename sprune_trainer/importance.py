@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SparseNeuronConfig
+from .quantization import dequantize_weight
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 
@@ -68,8 +69,9 @@ def spsa_direction(shape: torch.Size, seed: int, batch_index: int, layer_index: 
 def dense_weight(layer: nn.Module) -> Iterator[torch.Tensor]:
     """Yield `layer`'s weight as a dense fp32 (d_out, d_in) tensor.
 
-    Dequantizes bitsandbytes 4-bit (`quant_state`) / 8-bit (`SCB`) weights and gathers a ZeRO-3 partitioned
-    weight (`ds_id`) for the duration of the block. Read-only: the layer itself is never modified."""
+    Dequantizes bitsandbytes 4-bit / 8-bit weights through `quantization.dequantize_weight`, which also finds an
+    8-bit layer's scales after its first forward (moved from `weight.SCB` to `layer.state`), and gathers a ZeRO-3
+    partitioned weight (`ds_id`) for the duration of the block. The layer's values are never modified."""
     weight = layer.weight
     gather = contextlib.nullcontext()
     if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
@@ -77,16 +79,7 @@ def dense_weight(layer: nn.Module) -> Iterator[torch.Tensor]:
 
         gather = deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
     with gather:
-        quant_state = getattr(weight, "quant_state", None)
-        if quant_state is not None:  # bnb Params4bit
-            import bitsandbytes.functional as bnbf
-
-            w = bnbf.dequantize_4bit(weight.data, quant_state)
-        elif weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:  # bnb Int8Params
-            w = weight.data.float() * (weight.SCB.float().unsqueeze(1) / 127.0)
-        else:
-            w = weight.detach()
-        yield w.float()
+        yield dequantize_weight(layer)
 
 
 def _reduce_dim(config: SparseNeuronConfig) -> int:

@@ -1,6 +1,7 @@
 """What was selected, in numbers: neurons per layer type, trainable parameters, optimizer-state bytes."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from torch import nn
@@ -9,15 +10,26 @@ from .inject import sliced_modules
 from .optim import adam_state_bytes_per_param
 
 
+def _logical_numel(p: nn.Parameter) -> int:
+    """Parameters `p` stands for, not the elements it stores: bnb `Params4bit` packs two 4-bit codes per byte of
+    its storage dtype, and ZeRO-3 partitions keep the full size in `ds_numel`."""
+    state = getattr(p, "quant_state", None)
+    if getattr(state, "shape", None) is not None:  # bnb 4-bit: the unpacked (d_out, d_in)
+        return math.prod(state.shape)
+    n = getattr(p, "ds_numel", p.numel())
+    if type(p).__name__ == "Params4bit":  # packed, no quant_state to read the shape from
+        return 2 * n * p.element_size()
+    return n
+
+
 def selection_summary(model: nn.Module, optimizer_state: str = "float32") -> dict:
     layers = sliced_modules(model)
     by_kind: dict[str, list] = defaultdict(list)  # "q_proj" -> [(k, n_units), ...]
     for name, layer in layers.items():
         n_units = layer.out_features if layer.axis == "rows" else layer.in_features
         by_kind[name.split(".")[-1]].append((layer.index.numel(), n_units))
-    numel = lambda p: getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions keep the full size in ds_numel
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(_logical_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_logical_numel(p) for p in model.parameters())
     frozen = total - trainable
     return {
         "sliced_layers": len(layers),

@@ -15,7 +15,9 @@ from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer, load_sparse_
 from sprune_trainer.inject import quantize_with_sparse_correction, sliced_modules
 from sprune_trainer.quantization import (bnb_kind, check_zero3_quant_storage, dequantize_weight, quantize_4bit,
                                          quantize_8bit)
+from sprune_trainer.importance import score_neurons
 from sprune_trainer.sliced_linear import SlicedLinear
+from sprune_trainer.summary import selection_summary
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'sprune_trainer[bnb]')")
 warnings.filterwarnings("ignore", message="MatMul8bitLt")  # fp32 inputs are cast to fp16: expected on 8-bit bases
@@ -200,6 +202,49 @@ def test_trainer_quantizes_a_full_precision_model_and_the_adapter_reloads(tmp_pa
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs the full-precision weights"):
         load_sparse_adapter(_load(saved_tiny, "4bit"), str(tmp_path / "adapter"))
+
+
+# ---- scoring and summary -------------------------------------------------------------------------------------
+@needs_8bit
+@pytest.mark.parametrize("importance", ["l1", "l2"])
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+def test_norm_scores_of_an_8bit_layer_are_those_of_its_dequantized_weight(importance, axis):
+    """The first forward moves the per-row scales from `weight.SCB` to `layer.state`; int8 codes must not be
+    scored as if they were weights."""
+    torch.manual_seed(0)
+    layer = quantize_8bit(torch.randn(24, 40), torch.randn(24))
+    cfg = SparseNeuronConfig(neurons_per_layer=4, importance=importance, axis=axis)
+    p, dim = (1 if importance == "l1" else 2), (1 if axis == "rows" else 0)
+    dense = dequantize_weight(layer)
+    before = score_neurons(layer, {"l": layer}, cfg, progress=False)["l"]
+    with torch.no_grad():
+        layer(torch.randn(3, 40))
+    assert layer.weight.dtype == torch.int8 and getattr(layer.weight, "SCB", None) is None  # the case at stake
+    torch.testing.assert_close(dequantize_weight(layer), dense, rtol=0, atol=0)  # the forward changed no value
+    after = score_neurons(layer, {"l": layer}, cfg, progress=False)["l"]
+    reference = torch.linalg.vector_norm(dense, ord=p, dim=dim)
+    torch.testing.assert_close(before, reference)
+    torch.testing.assert_close(after, reference)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # not changed by the forward
+
+
+@needs_4bit
+def test_summary_counts_4bit_parameters_by_their_logical_size(saved_tiny):
+    n_model = sum(p.numel() for p in tiny_model().parameters())
+    model = quantize_with_sparse_correction(tiny_model(), SparseNeuronConfig(neurons_per_layer=4))  # fp32 storage
+    assert any(type(p).__name__ == "Params4bit" for p in model.parameters())
+    s = selection_summary(model)
+    n_delta = sum(layer.delta.numel() for layer in sliced_modules(model).values())
+    assert (s["model_params"], s["trainable_params"]) == (n_model, n_delta)
+
+    loaded = _load(saved_tiny, "4bit")  # HF default: uint8 storage, two codes per byte
+    total = lambda s: s["model_params"] + s["trainable_params"]  # its unquantized params still require grad
+    assert total(selection_summary(loaded)) == n_model
+    for p in loaded.parameters():
+        if type(p).__name__ == "Params4bit":
+            assert p.dtype == torch.uint8
+            p.quant_state = None  # no shape to read: counted from the packed bytes
+    assert total(selection_summary(loaded)) == n_model
 
 
 # ---- merge back into 4-bit / 8-bit ---------------------------------------------------------------------------
