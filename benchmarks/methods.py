@@ -32,12 +32,13 @@ class MethodSpec:
     r: int = 0         # rows/columns per layer (ours, masked) or LoRA rank
     axis: str = "rows"
     state: str = "float32"  # SliceAdamW moments (ours)
+    fused: bool = True      # ours: the fused sliced matmul (False: the generic base(x) + update path)
 
     @property
     def label(self) -> str:
         return {
             "floor": "frozen floor",
-            "ours": f"ours {self.axis} r{self.r} ({_SHORT[self.state]} state)",
+            "ours": f"ours {self.axis} r{self.r} ({_SHORT[self.state]} state)" + ("" if self.fused else ", unfused"),
             "lora": f"LoRA r{self.r}",
             "dora": f"DoRA r{self.r}",
             "masked": f"masked SpFT r{self.r}",
@@ -52,6 +53,8 @@ def main_methods(r: int = 64) -> list[MethodSpec]:
         MethodSpec("ours_rows_fp32", "ours", r, "rows", "float32"),
         MethodSpec("ours_rows_int8", "ours", r, "rows", "int8"),
         MethodSpec("ours_cols_fp32", "ours", r, "columns", "float32"),
+        MethodSpec("ours_rows_fp32_unfused", "ours", r, "rows", "float32", fused=False),
+        MethodSpec("ours_cols_fp32_unfused", "ours", r, "columns", "float32", fused=False),
         MethodSpec("lora_r16", "lora", 16),
         MethodSpec("lora_r32", "lora", 32),
         MethodSpec("dora_r16", "dora", 16),
@@ -123,6 +126,8 @@ def setup_ours(model, spec, lr):
     cfg = SparseNeuronConfig(neurons_per_layer=spec.r, axis=spec.axis, optimizer_state=spec.state,
                              target_modules=list(TARGETS), importance="random")
     wrapped = inject_slices(model, selection, cfg)  # freezes everything else
+    for layer in wrapped.values():
+        layer.fused = spec.fused
 
     def undo():
         for name, layer in wrapped.items():

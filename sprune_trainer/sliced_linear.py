@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .sliced_matmul import sliced_linear
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -22,6 +24,8 @@ def slice_dtype_for(base: nn.Linear, name: str) -> torch.dtype:
 
 class SlicedLinear(nn.Module):
     """Wraps `base_layer` (kept frozen, never modified unless merged) and trains `delta` on neurons `index`."""
+
+    fused = True  # False: always the generic path (the reference the fused one is tested and benchmarked against)
 
     def __init__(self, base_layer: nn.Linear, index: torch.Tensor, axis: str = "rows",
                  dtype: torch.dtype = torch.float32, train_bias: bool = False):
@@ -71,9 +75,12 @@ class SlicedLinear(nn.Module):
         return self._merged_original is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)  # (..., d_out)
         if self.merged:
-            return y
+            return self.base_layer(x)
+        if self._fusable():
+            base = self.base_layer
+            return sliced_linear(x, base.weight, base.bias, self.index, self.delta, self.axis)
+        y = self.base_layer(x)  # (..., d_out)
         delta = self.delta.to(x.dtype)
         if self.axis == "rows":
             update = x @ delta.T  # (..., k)
@@ -81,6 +88,15 @@ class SlicedLinear(nn.Module):
                 update = update + self.bias_delta.to(update.dtype)
             return y.index_add(-1, self.index, update.to(y.dtype))
         return y + (x.index_select(-1, self.index) @ delta.T).to(y.dtype)  # (..., d_out)
+
+    def _fusable(self) -> bool:
+        """The fused path (sliced_matmul) reads the base weight itself, so only for a plain, hook-free dense
+        nn.Linear: not a quantized or ZeRO-3-partitioned weight (ds_id), nor one that accelerate or user hooks
+        must see being called; `base_layer(x)` plus a separate update otherwise."""
+        base = self.base_layer
+        return (self.fused and type(base) is nn.Linear and self.bias_delta is None and base.weight.dtype.is_floating_point
+                and not hasattr(base.weight, "ds_id") and not hasattr(base, "_hf_hook")
+                and not (base._forward_hooks or base._forward_pre_hooks))
 
     @property
     def _dim(self) -> int:

@@ -68,19 +68,21 @@ def _step_both(step, ours, theirs, opt, ref):
     _assert_same(ours, theirs, opt, ref)
 
 
-def test_fp32_matches_torch_adamw_bitwise():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_fp32_matches_torch_adamw_bitwise(foreach):
     ours, theirs = _copies()
-    opt = SliceAdamW(_groups(ours), lr=1e-2)
-    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, foreach=False)
+    opt = SliceAdamW(_groups(ours), lr=1e-2, foreach=foreach)
+    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, foreach=foreach)
     for step in range(30):
         _step_both(step, ours, theirs, opt, ref)
     assert not torch.equal(ours[0], _copies()[0][0])  # it did move
 
 
-def test_skips_params_without_grad_and_supports_closure():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_skips_params_without_grad_and_supports_closure(foreach):
     ours, theirs = _copies()
-    opt = SliceAdamW(_groups(ours), lr=1e-2)
-    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, foreach=False)
+    opt = SliceAdamW(_groups(ours), lr=1e-2, foreach=foreach)
+    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, foreach=foreach)
     frozen = ours[1].detach().clone()
     for step in range(3):
         grads = _grads(step, ours)
@@ -98,11 +100,11 @@ def test_skips_params_without_grad_and_supports_closure():
         assert torch.equal(ours[i], theirs[i])
 
 
-@pytest.mark.parametrize("via_bytes", [False, True])
-def test_state_dict_round_trip_continues_torch_trajectory(via_bytes):
+@pytest.mark.parametrize("via_bytes, foreach", [(False, False), (True, False), (True, True)])
+def test_state_dict_round_trip_continues_torch_trajectory(via_bytes, foreach):
     ours, theirs = _copies()
-    opt = SliceAdamW(_groups(ours), lr=1e-2)
-    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, foreach=False)
+    opt = SliceAdamW(_groups(ours), lr=1e-2, foreach=foreach)
+    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, foreach=foreach)
     for step in range(30):
         if step == 15:  # hand over to a fresh optimizer on fresh copies of the params
             sd = opt.state_dict()

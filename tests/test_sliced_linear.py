@@ -96,3 +96,60 @@ def test_bf16_input_with_fp32_slice():
 def test_bad_indices(index, match):
     with pytest.raises(ValueError, match=match):
         SlicedLinear(_layer(), index)
+
+
+def _run(layer, x, target):
+    """Output, input grad and slice grad of one forward/backward (grads cleared first)."""
+    layer.delta.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    ((out.float() - target) ** 2).mean().backward()
+    return out.detach(), x.grad, layer.delta.grad.clone()
+
+
+def _force_generic_path(layer):
+    """A no-op hook on the base: the fused path must step aside for anything hooked (accelerate, users)."""
+    return layer.base_layer.register_forward_pre_hook(lambda module, args: None)
+
+
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+@pytest.mark.parametrize("shape", [(4, 6, 16), (5, 16)])
+def test_fused_path_equals_generic_path_and_dense_input_grad(axis, shape):
+    base = _layer(bias=True).requires_grad_(False)
+    layer = SlicedLinear(base, torch.tensor([0, 5, 11] if axis == "rows" else [2, 3, 15]), axis=axis)
+    assert layer._fusable()
+    with torch.no_grad():
+        layer.delta.normal_(std=0.1)
+    x, target = torch.randn(*shape), torch.randn(*shape[:-1], 12)
+    fused = _run(layer, x, target)
+    handle = _force_generic_path(layer)
+    assert not layer._fusable()
+    generic = _run(layer, x, target)
+    handle.remove()
+    for a, b in zip(fused, generic):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # input grad against the dense model W + update
+    w = base.weight + _dense_delta(layer)
+    xd = x.clone().requires_grad_(True)
+    ((xd @ w.T + base.bias - target) ** 2).mean().backward()
+    torch.testing.assert_close(fused[1], xd.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+def test_fused_path_under_bf16_autocast_matches_generic_path(axis):
+    """HF Trainer(bf16=True) runs a bf16 or fp32 model under autocast: the fused path must compute in bf16 as
+    autocast would, return bf16, and keep the fp32 slice's grad fp32."""
+    base = _layer().requires_grad_(False)  # fp32 weights, as an fp32 model under autocast
+    layer = SlicedLinear(base, torch.tensor([1, 6, 7]), axis=axis)
+    with torch.no_grad():
+        layer.delta.normal_(std=0.1)
+    x, target = torch.randn(3, 4, 16), torch.randn(3, 4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _run(layer, x, target)
+        handle = _force_generic_path(layer)
+        generic = _run(layer, x, target)
+        handle.remove()
+    assert fused[0].dtype == generic[0].dtype == torch.bfloat16
+    assert fused[2].dtype == torch.float32
+    for a, b in zip(fused, generic):  # bf16: the fused grad sums in one rounding, the generic one in two
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
