@@ -38,3 +38,16 @@ def test_merge_requantize_script(tmp_path):
         assert row["qlora@0.01"]["rows_changed"] > 16   # a low-rank update touches every row
     s = saved["summary"]
     assert s["ours@0.01"]["update_kept"] > 0.9 > s["qlora@0.01"]["update_kept"]
+
+
+@needs_4bit
+def test_qlora_speed_script_compares_equal_budgets_on_nf4(tmp_path):
+    import qlora_speed
+    out = tmp_path / "speed.json"
+    qlora_speed.main(["--shapes", "tiny", "--batch-seq", "2x32", "--checkpointing", "off", "--warmup", "1",
+                      "--steps", "1", "--device", "cpu", "--out", str(out)])
+    runs = {r["method"]: r for r in json.loads(out.read_text())["runs"]}
+    assert all(r["status"] == "ok" for r in runs.values())
+    ours = next(r for name, r in runs.items() if name.startswith("ours_rows") and r["state"] == "float32")
+    assert abs(ours["trainable_params"] / runs["qlora_r16"]["trainable_params"] - 1) < 0.05  # equal budget
+    assert runs["floor_nf4"]["trainable_params"] == 0

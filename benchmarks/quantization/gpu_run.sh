@@ -9,6 +9,7 @@
 #   3. carry [".m/b", ".whl"]  command: bash benchmarks/quantization/gpu_run.sh install tests recon-smollm2
 #   4. no carry                command: bash benchmarks/quantization/gpu_run.sh recon-7b
 #   5. no carry                command: bash benchmarks/quantization/gpu_run.sh requant
+#   (any call) no carry       command: bash benchmarks/quantization/gpu_run.sh speed   (needs only bitsandbytes)
 # JSON results go to $OUT (the device's result folder; outputs/quant when run elsewhere), summaries to stdout.
 set -uo pipefail
 GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -32,6 +33,7 @@ for stage in "$@"; do
     requant)
       python $B/merge_requantize.py --gguf "$GGUF" --layers all --model_level --out "$OUT/requant_smollm2.json" 2>&1 | tail -9
       python $B/merge_requantize.py --shapes llama2-7b --out "$OUT/requant_llama2_7b.json" 2>&1 | tail -14 ;;
+    speed) python $B/qlora_speed.py --shapes smollm2-135m,llama2-7b --out "$OUT/qlora_speed.json" 2>&1 | tail -14 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
