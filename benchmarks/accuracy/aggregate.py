@@ -1,0 +1,211 @@
+"""Aggregate an accuracy sweep: every <out>/runs/<name>/{run.json, results.json} ->
+<out>/accuracy.json, accuracy.csv, accuracy.png, accuracy.md.
+
+    python benchmarks/accuracy/aggregate.py <out>
+
+Per config (phase, config, learning rate): mean and std over seeds of each task's accuracy and of the average
+(the recipe's results.json: after.tasks.<task>.accuracy and after.average, fractions in [0, 1]; std is the
+sample std, ddof 1, and 0 for a single seed), the number of seeds, trainable parameters, peak memory (MiB),
+training tokens/s and train runtime (means over seeds). Accuracies are fractions in the JSON / CSV and
+percent in the Markdown table and the plot."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: the repo root on sys.path for `benchmarks.accuracy`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks.accuracy.grid import FAMILIES  # noqa: E402
+
+PHASES = ("test", "tune")
+COLOURS = {"full": "#4c4c4c", "lora": "#1f77b4", "dora": "#9467bd", "sparse_rows": "#d62728",
+           "sparse_columns": "#ff7f0e"}
+
+
+def load_runs(out: str | Path) -> list[dict]:
+    """[{"meta": run.json, "results": results.json}] of every finished run (results.json present)."""
+    runs = []
+    for run_dir in sorted((Path(out) / "runs").glob("*")):
+        meta, res = run_dir / "run.json", run_dir / "results.json"
+        if meta.is_file() and res.is_file():
+            runs.append({"meta": json.loads(meta.read_text()), "results": json.loads(res.read_text())})
+    return runs
+
+
+def mean_std(values: list[float]) -> dict:
+    """{"mean", "std"}: sample std (ddof 1), 0.0 for one value; NaN for none."""
+    if not values:
+        return {"mean": float("nan"), "std": float("nan")}
+    m = sum(values) / len(values)
+    var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"mean": m, "std": math.sqrt(var)}
+
+
+def _mean(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(runs: list[dict]) -> dict[str, list[dict]]:
+    """{phase: [one row per (config, learning rate)]}, rows in family order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        m = r["meta"]
+        if r["results"].get("after"):
+            groups.setdefault((m["phase"], m["config"], m["learning_rate"]), []).append(r)
+    out: dict[str, list[dict]] = {p: [] for p in PHASES}
+    for (phase, config, lr), members in groups.items():
+        members.sort(key=lambda r: r["meta"]["seed"])
+        afters = [r["results"]["after"] for r in members]
+        tasks = list(dict.fromkeys(t for a in afters for t in a["tasks"]))
+        trains = [r["results"].get("training") or {} for r in members]
+        params = [t.get("trainable_params") for t in trains]
+        row = {
+            "phase": phase, "config": config, "family": members[0]["meta"]["family"], "learning_rate": lr,
+            "n_seeds": len(members), "seeds": [r["meta"]["seed"] for r in members],
+            "runs": [r["meta"]["name"] for r in members],
+            "average": mean_std([a["average"] for a in afters]),
+            "tasks": {t: mean_std([a["tasks"][t]["accuracy"] for a in afters if t in a["tasks"]]) for t in tasks},
+            "eval_examples": {t: afters[0]["tasks"][t]["n"] for t in tasks if t in afters[0]["tasks"]},
+            "trainable_params": (params[0] if len(set(params)) == 1 else _mean(params)),
+            "expected_trainable_params": members[0]["meta"].get("expected_trainable_params"),
+            "peak_memory_mib": _mean([(t.get("peak_memory") or {}).get("bytes", 0) / 2**20 or None for t in trains]),
+            "tokens_per_second": _mean([t.get("tokens_per_second") for t in trains]),
+            "train_runtime_s": _mean([t.get("train_runtime_s") for t in trains]),
+            "run_time_s": _mean([r["results"].get("total_time_s") for r in members]),
+        }
+        out.setdefault(phase, []).append(row)
+    family_rank = {f: i for i, f in enumerate(FAMILIES)}
+    for rows in out.values():
+        rows.sort(key=lambda r: (family_rank.get(r["family"], len(FAMILIES)), r["config"], r["learning_rate"]))
+    return out
+
+
+def _label(row: dict) -> str:
+    return row["config"] + (f" @{row['learning_rate']:g}" if row["phase"] == "tune" else "")
+
+
+def _fmt(x, spec: str) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
+    rows = [r for p in PHASES for r in table.get(p, [])]
+    tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
+    head = (["phase", "family", "config", "learning_rate", "n_seeds", "average_mean", "average_std"]
+            + [f"{t}_{s}" for t in tasks for s in ("mean", "std")]
+            + ["trainable_params", "peak_memory_mib", "tokens_per_second", "train_runtime_s"])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        for r in rows:
+            cells = [r["phase"], r["family"], r["config"], r["learning_rate"], r["n_seeds"], r["average"]["mean"],
+                     r["average"]["std"]]
+            for t in tasks:
+                cells += [r["tasks"][t]["mean"], r["tasks"][t]["std"]] if t in r["tasks"] else ["", ""]
+            cells += [r["trainable_params"], r["peak_memory_mib"], r["tokens_per_second"], r["train_runtime_s"]]
+            w.writerow(["" if c is None else c for c in cells])
+    return path
+
+
+def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None) -> str:
+    titles = {"test": "Test sets (accuracy %, mean ± std over seeds)",
+              "tune": "Validation sets, learning-rate tuning (accuracy %, one seed)"}
+    parts = []
+    for phase in PHASES:
+        rows = table.get(phase) or []
+        if not rows:
+            continue
+        tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
+        head = (["family", "config", "lr", "seeds", "average"] + tasks
+                + ["trainable params", "peak MiB", "tokens/s", "train s"])
+        lines = [f"### {titles[phase]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        pm = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
+        for r in rows:
+            cells = [r["family"], r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"]), pm(r["average"])]
+            cells += [pm(r["tasks"][t]) if t in r["tasks"] else "" for t in tasks]
+            cells += [_fmt(r["trainable_params"], ",.0f"), _fmt(r["peak_memory_mib"], ",.0f"),
+                      _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["train_runtime_s"], ".1f")]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    if tuned:
+        lines = ["### Tuned learning rates (highest validation average; ties -> smaller lr)", "",
+                 "| family | lr | validation average | source |", "|---|---|---|---|"]
+        for fam, t in tuned.get("families", {}).items():
+            avg = t.get("val_average")
+            lines.append(f"| {fam} | {t['lr']:g} | {'' if avg is None else f'{100 * avg:.1f}'} | {t['source']} |")
+        parts.append("\n".join(lines))
+    note = ("Peak memory, tokens/s and runtimes were measured with several runs sharing one GPU (see sweep_log.txt): "
+            "compare them between configs of this table, not with single-run benchmarks.")
+    return "\n\n".join(parts + [note]) + "\n" if parts else "(no finished runs)\n"
+
+
+def plot(table: dict[str, list[dict]], path: Path) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    phases = [p for p in PHASES if table.get(p)]
+    if not phases:
+        return None
+    width = max(6.0, 0.35 * max(len(table[p]) for p in phases) + 2)
+    fig, axes = plt.subplots(len(phases), 1, figsize=(width, 4.2 * len(phases)), squeeze=False)
+    for ax, phase in zip(axes[:, 0], phases):
+        rows = table[phase]
+        x = range(len(rows))
+        means = [100 * r["average"]["mean"] for r in rows]
+        stds = [100 * r["average"]["std"] for r in rows]
+        bars = ax.bar(x, means, yerr=stds, capsize=3, color=[COLOURS.get(r["family"], "#999999") for r in rows])
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
+        ax.set_xticks(list(x), [_label(r) for r in rows], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("average accuracy (%)")
+        lo = min(m - s for m, s in zip(means, stds))
+        ax.set_ylim(max(0.0, lo - 5), min(100.0, max(m + s for m, s in zip(means, stds)) + 5))
+        n = sorted({r["n_seeds"] for r in rows})
+        ax.set_title(f"{phase}: mean ± std over seeds (n = {'/'.join(map(str, n))})", fontsize=9)
+        fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
+        ax.legend(handles=[Patch(color=COLOURS[f], label=f) for f in fams], fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_all(out: str | Path) -> dict[str, Optional[Path]]:
+    """All four outputs from whatever runs finished; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = summarize(load_runs(out))
+    tuned_path = out / "tuned_lr.json"
+    tuned = json.loads(tuned_path.read_text()) if tuned_path.is_file() else None
+    paths = {"json": out / "accuracy.json", "csv": out / "accuracy.csv", "md": out / "accuracy.md"}
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**table, "tuned_lr": tuned}, indent=2))
+    tmp.replace(paths["json"])
+    write_csv(table, paths["csv"])
+    paths["md"].write_text(markdown(table, tuned))
+    paths["png"] = plot(table, out / "accuracy.png")
+    return paths
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(__doc__)
+        raise SystemExit(2)
+    paths = write_all(argv[0])
+    print(Path(paths["md"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values() if p))
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The run list of the accuracy study: method configs, learning-rate grids, seeds, and the trainable-parameter
+arithmetic that puts every sparse config at LoRA r16's budget.
+
+Trainable parameters, from the layer shapes of a Llama model (targets q/k/v/o/gate/up/down, each layer):
+    LoRA r            r * sum(d_in + d_out)
+    DoRA r            LoRA r + sum(d_out)             (one magnitude per output feature)
+    sparse rows k     k * sum(d_in)                   (per_layer scope: k output rows of every linear)
+    sparse columns k  k * sum(d_out)                  (k input columns of every linear)
+The sparse k is the largest whose count does not exceed LoRA r16's. For SmolLM2-135M (hidden 576,
+intermediate 1536, 30 layers, 9 heads / 3 kv heads of 64): LoRA r16 = 4,884,480; rows 149,760 per k -> 32
+(4,792,320); columns 155,520 per k -> 31 (4,821,120). Global scope spends the same number of neurons
+(k per layer summed) wherever they score highest, so its parameter count depends on the selection.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IMPORTANCES = ("random", "l2", "taylor", "hessian", "zeroth_order")
+SCOPES = ("per_layer", "global")
+AXES = ("rows", "columns")
+
+BUDGET_RANK = 16  # the sparse configs match LoRA r16's trainable-parameter count
+TUNE_SEED = 1
+TEST_SEEDS = (1, 2, 3)
+
+# method family -> (the config tuned for it, its learning-rate grid). LoRA r8 uses the lora family's lr
+# (tuned on r16); every sparse importance / scope uses the lr of its axis' family (tuned on l2 per_layer).
+FAMILIES = ("full", "lora", "dora", "sparse_rows", "sparse_columns")
+TUNE_CONFIGS = {"full": "full", "lora": "lora_r16", "dora": "dora_r8",
+                "sparse_rows": "sparse_l2_per_layer_rows", "sparse_columns": "sparse_l2_per_layer_columns"}
+LR_GRIDS = {"full": (2e-5, 5e-5, 1e-4), "lora": (2e-4, 5e-4, 1e-3), "dora": (2e-4, 5e-4, 1e-3),
+            "sparse_rows": (3e-4, 1e-3, 3e-3), "sparse_columns": (3e-4, 1e-3, 3e-3)}
+# --smoke: the two sparse configs of the test phase (a weight criterion per layer on rows, a data-driven one
+# with a global budget on columns: both axes, both scopes, calibration included)
+SMOKE_SPARSE = (("l2", "per_layer", "rows"), ("taylor", "global", "columns"))
+
+
+# ---------------------------------------------------------------- shapes and parameter counts
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> "LlamaShape":
+        heads = int(cfg["num_attention_heads"])
+        head_dim = cfg.get("head_dim") or int(cfg["hidden_size"]) // heads
+        return cls(int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"]), heads,
+                   int(cfg.get("num_key_value_heads") or heads), int(head_dim))
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> "LlamaShape":
+        return cls.from_config(json.loads((Path(path) / "config.json").read_text()))
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of each targeted linear of one decoder layer."""
+        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+# SmolLM2-135M-Instruct's config.json (used when the model folder is not at hand, e.g. for a dry run)
+SMOLLM2_135M = LlamaShape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64)
+
+
+def lora_params(shape: LlamaShape, r: int) -> int:
+    return shape.layers * r * sum(d_in + d_out for d_in, d_out in shape.linears().values())
+
+
+def dora_params(shape: LlamaShape, r: int) -> int:
+    return lora_params(shape, r) + shape.layers * sum(d_out for _, d_out in shape.linears().values())
+
+
+def sparse_params(shape: LlamaShape, k: int, axis: str) -> int:
+    """Per-layer scope: k rows (x d_in each) or k columns (x d_out each) of every targeted linear."""
+    side = 0 if axis == "rows" else 1  # a row spans d_in weights, a column d_out
+    return shape.layers * k * sum(dims[side] for dims in shape.linears().values())
+
+
+def budget_neurons(shape: LlamaShape, axis: str, budget: int) -> int:
+    """Largest k (>= 1) whose per-layer sparse count is <= `budget`, capped at the narrowest layer's number
+    of rows (or columns) so every layer can give k."""
+    per_k = sparse_params(shape, 1, axis)
+    units = [d_out if axis == "rows" else d_in for d_in, d_out in shape.linears().values()]
+    return max(1, min(budget // per_k, min(units)))
+
+
+# ---------------------------------------------------------------- configs and runs
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    family: str                       # the learning-rate / colour family, one of FAMILIES
+    flags: tuple[str, ...]            # method flags of recipes/llama_commonsense.py
+    expected_params: Optional[int]    # trainable parameters from the shapes (None: depends on the selection)
+
+    @property
+    def method(self) -> str:
+        return self.flags[1]  # every config's flags start with --method <name>
+
+
+def full_config() -> Config:
+    return Config("full", "full", ("--method", "full"), None)
+
+
+def lora_config(shape: LlamaShape, r: int, method: str = "lora", dropout: float = 0.05) -> Config:
+    count = lora_params(shape, r) if method == "lora" else dora_params(shape, r)
+    return Config(f"{method}_r{r}", method, ("--method", method, "--lora_r", str(r), "--lora_alpha", str(2 * r),
+                                            "--lora_dropout", str(dropout)), count)
+
+
+def sparse_config(shape: LlamaShape, importance: str, scope: str, axis: str, calibration_batches: int,
+                  budget_rank: int = BUDGET_RANK) -> Config:
+    k = budget_neurons(shape, axis, lora_params(shape, budget_rank))
+    return Config(f"sparse_{importance}_{scope}_{axis}", f"sparse_{axis}",
+                  ("--method", "sparse", "--importance", importance, "--scope", scope, "--axis", axis,
+                   "--neurons_per_layer", str(k), "--calibration_batches", str(calibration_batches)),
+                  sparse_params(shape, k, axis) if scope == "per_layer" else None)
+
+
+def configs(shape: LlamaShape, calibration_batches: int, lora_dropout: float = 0.05) -> dict[str, Config]:
+    """Every config, in table order: full, LoRA r8 / r16, DoRA r8, then the sparse grid importance x scope x
+    axis (the tune phase uses five of them, TUNE_CONFIGS)."""
+    out = [full_config(), lora_config(shape, 8, "lora", lora_dropout),
+           lora_config(shape, 16, "lora", lora_dropout), lora_config(shape, 8, "dora", lora_dropout)]
+    out += [sparse_config(shape, i, s, a, calibration_batches) for i in IMPORTANCES for s in SCOPES for a in AXES]
+    return {c.name: c for c in out}
+
+
+def evaluation_configs(all_configs: Mapping[str, Config], smoke: bool = False) -> list[Config]:
+    """The configs of the test phase: all of them; --smoke: the non-sparse ones and the two of SMOKE_SPARSE."""
+    keep = {f"sparse_{i}_{s}_{a}" for i, s, a in SMOKE_SPARSE}
+    return [c for c in all_configs.values() if not smoke or c.method != "sparse" or c.name in keep]
+
+
+def lr_tag(lr: float) -> str:
+    """5e-4 -> '5e-4', 2.5e-05 -> '2.5e-5' (short, exact enough for a folder name)."""
+    mantissa, exp = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+@dataclass(frozen=True)
+class Run:
+    phase: str                        # "tune" (validation sets) or "test" (test files)
+    config: Config
+    seed: int
+    lr: float
+    name: str = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "name", f"{self.phase}-{self.config.name}-lr{lr_tag(self.lr)}-s{self.seed}")
+
+    def flags(self) -> list[str]:
+        """Run-specific recipe flags (the method's, seed and learning rate; sparse_seed follows the seed so
+        `random` picks other neurons per seed)."""
+        extra = ["--sparse_seed", str(self.seed)] if self.config.family.startswith("sparse") else []
+        return [*self.config.flags, "--seed", str(self.seed), "--learning_rate", repr(self.lr), *extra]
+
+    def meta(self) -> dict:
+        return {"name": self.name, "phase": self.phase, "config": self.config.name, "family": self.config.family,
+                "seed": self.seed, "learning_rate": self.lr, "expected_trainable_params": self.config.expected_params}
+
+
+def lr_grid(family: str, smoke: bool = False) -> tuple[float, ...]:
+    grid = LR_GRIDS[family]
+    return (grid[len(grid) // 2],) if smoke else grid  # smoke: the middle one
+
+
+def default_lr(family: str) -> float:
+    """Used when no validation run of a family finished (the middle of its grid)."""
+    return lr_grid(family, smoke=True)[0]
+
+
+def tune_runs(all_configs: Mapping[str, Config], seed: int = TUNE_SEED, smoke: bool = False) -> list[Run]:
+    """Phase tune: each family's tuned config at every lr of its grid, one seed; smallest lrs first."""
+    runs = [Run("tune", all_configs[TUNE_CONFIGS[f]], seed, lr) for f in FAMILIES for lr in lr_grid(f, smoke)]
+    return sorted(runs, key=lambda r: LR_GRIDS[r.config.family].index(r.lr))  # one lr of every family, then the next
+
+
+def evaluation_runs(all_configs: Mapping[str, Config], lrs: Mapping[str, float],
+                    seeds: Sequence[int] = TEST_SEEDS, smoke: bool = False) -> list[Run]:
+    """Phase test: every test-phase config at its family's tuned lr; all configs get a seed before any gets
+    the next, so a budget cut leaves every config covered with fewer seeds."""
+    return [Run("test", c, s, lrs[c.family]) for s in seeds for c in evaluation_configs(all_configs, smoke)]
+
+
+def select(runs: Iterable[Run], pattern: Optional[str]) -> list[Run]:
+    """Runs whose name matches the regex (re.search); all when pattern is None."""
+    return [r for r in runs if pattern is None or re.search(pattern, r.name)]

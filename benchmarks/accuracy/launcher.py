@@ -1,0 +1,154 @@
+"""Run many commands as subprocesses, P at a time, resumably and within a time budget.
+
+- A job whose `<run_dir>/results.json` exists is skipped (a crash or a timeout loses nothing finished).
+- `time_budget_s`: no job is launched once `elapsed + estimate` would exceed it, the estimate being the mean
+  duration of the jobs finished so far (of the same phase when there are some); running jobs are left alone.
+- `deadline_s`: the hard stop; jobs still running then are killed (SIGTERM, then SIGKILL, by pid); a job
+  also dies with the launching process (Linux: PR_SET_PDEATHSIG).
+- One log line per finished job (name, seconds, the caller's summary) to stdout and the log file.
+Times count from `t0`, the caller's start, so that several calls (phases) share one budget."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+
+@dataclass
+class Job:
+    name: str
+    argv: list[str]
+    run_dir: Path
+    meta: dict = field(default_factory=dict)   # written to <run_dir>/run.json at launch ("phase" used for estimates)
+
+    @property
+    def result(self) -> Path:
+        return self.run_dir / "results.json"
+
+
+class SweepLog:
+    """Timestamped lines (seconds since t0) to stdout and appended to a file."""
+
+    def __init__(self, path: Path, t0: float):
+        self.path, self.t0 = Path(path), t0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.time() - self.t0:7.1f} s] {msg}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+@dataclass
+class Stats:
+    done_before: list[str] = field(default_factory=list)
+    finished: dict[str, float] = field(default_factory=dict)   # name -> seconds
+    failed: dict[str, int] = field(default_factory=dict)       # name -> exit code
+    killed: list[str] = field(default_factory=list)
+    not_launched: list[str] = field(default_factory=list)
+
+
+def _estimate(durations: list[tuple[str, float]], phase: Optional[str]) -> Optional[float]:
+    same = [d for p, d in durations if p == phase]
+    pool = same or [d for _, d in durations]
+    return sum(pool) / len(pool) if pool else None
+
+
+def _kill(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """Stop a job we started (by its pid): SIGTERM, then SIGKILL."""
+    for stop, wait in ((proc.terminate, grace_s), (proc.kill, 5.0)):
+        if proc.poll() is not None:
+            return
+        stop()
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the job gets SIGKILL if the sweep dies (even by SIGKILL), so no run outlives it on the device."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Optional[dict] = None,
+             time_budget_s: Optional[float] = None, deadline_s: Optional[float] = None,
+             summary: Callable[[Job], str] = lambda job: "", cwd: Optional[str] = None,
+             history: Optional[list[tuple[str, float]]] = None, poll_s: float = 0.2) -> Stats:
+    """Run `jobs` in order, at most `parallel` at once. `history` (phase, seconds) of earlier finished jobs
+    seeds the duration estimate and is extended with this call's. Running jobs are killed on the way out
+    of an exception (KeyboardInterrupt included)."""
+    stats = Stats()
+    history = history if history is not None else []
+    pending = []
+    for job in jobs:
+        if job.result.is_file():
+            stats.done_before.append(job.name)
+        else:
+            pending.append(job)
+    if stats.done_before:
+        log(f"{len(stats.done_before)} of {len(jobs)} runs already have results.json: skipped")
+    running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
+    stop_reason = None
+    try:
+        while pending or running:
+            elapsed = time.time() - t0
+            if deadline_s is not None and elapsed >= deadline_s:
+                for name, (job, proc, start) in running.items():
+                    _kill(proc)
+                    stats.killed.append(name)
+                    log(f"KILLED {name} at the deadline ({deadline_s:.0f} s) after {time.time() - start:.1f} s")
+                running.clear()
+                stop_reason = stop_reason or f"deadline {deadline_s:.0f} s reached"
+                break
+            # finished jobs
+            for name in [n for n, (_, p, _) in running.items() if p.poll() is not None]:
+                job, proc, start = running.pop(name)
+                secs = time.time() - start
+                if proc.returncode == 0 and job.result.is_file():
+                    stats.finished[name] = secs
+                    history.append((job.meta.get("phase"), secs))
+                    log(f"done {name}  {secs:.1f} s  {summary(job)}".rstrip())
+                else:
+                    stats.failed[name] = proc.returncode
+                    log(f"FAILED {name}  {secs:.1f} s  exit code {proc.returncode} (see {job.run_dir / 'log.txt'})")
+            # launches
+            while pending and len(running) < parallel and stop_reason is None:
+                job = pending[0]
+                est = _estimate(history, job.meta.get("phase"))
+                elapsed = time.time() - t0
+                if time_budget_s is not None and elapsed + (est or 0.0) > time_budget_s:
+                    stop_reason = (f"time budget {time_budget_s:.0f} s: {elapsed:.0f} s elapsed + ~{est or 0:.0f} s "
+                                   "per run would exceed it")
+                    break
+                job.run_dir.mkdir(parents=True, exist_ok=True)
+                (job.run_dir / "run.json").write_text(json.dumps({**job.meta, "argv": job.argv}, indent=2))
+                with open(job.run_dir / "log.txt", "w") as out:
+                    proc = subprocess.Popen(job.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                running[job.name] = (job, proc, time.time())
+                pending.pop(0)
+            if stop_reason is not None and not running:
+                break
+            time.sleep(poll_s)
+    except BaseException as e:
+        for name, (_, proc, _) in running.items():
+            _kill(proc)
+            stats.killed.append(name)
+        log(f"stopped by {type(e).__name__}: killed {stats.killed or 'nothing'}")
+        raise
+    stats.not_launched = [j.name for j in pending]
+    if stats.not_launched:
+        log(f"not launched ({stop_reason}): {len(stats.not_launched)} runs, from {stats.not_launched[0]}")
+    return stats

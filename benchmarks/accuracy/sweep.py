@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Accuracy study (issue 8): recipes/llama_commonsense.py as parallel subprocesses on one device.
+
+    # the study: one H100, SmolLM2-135M-Instruct, the LLM-Adapters folder; tune then test in one command
+    python benchmarks/accuracy/sweep.py --phase all --out benchmarks/results/accuracy \\
+        --model_name_or_path <SmolLM2-135M-Instruct folder> --data_dir <commonsense folder> \\
+        --time_budget_s 470 --deadline_s 530
+    python benchmarks/accuracy/sweep.py ... --dry_run      # the run list with every command line
+    python benchmarks/accuracy/sweep.py ... --smoke        # tiny grids on the CPU (a tiny model + data folder)
+    python benchmarks/accuracy/aggregate.py <out>          # the tables / plot again from what finished
+
+Phases
+  tune  validation mode (--validation_per_task V: V held-out training examples per task, no test data),
+        seed 1, a learning-rate grid per family: full {2e-5, 5e-5, 1e-4}; LoRA r16 and DoRA r8 {2e-4, 5e-4,
+        1e-3}; sparse l2 per_layer rows / columns {3e-4, 1e-3, 3e-3}. Best = highest validation average
+        (ties -> smaller lr) -> <out>/tuned_lr.json. LoRA r8 uses LoRA r16's lr, every sparse config its axis'.
+  test  the test files (a seeded subset of E per task), seeds 1, 2, 3: full, LoRA r8 / r16, DoRA r8, sparse
+        importance {random, l2, taylor, hessian, zeroth_order} x scope {per_layer, global} x axis {rows,
+        columns} at LoRA r16's trainable-parameter budget (grid.py). Every config gets seed 1 before any
+        gets seed 2, so a budget cut keeps every config with fewer seeds.
+  all   tune, then test with the tuned learning rates.
+
+Every run writes <out>/runs/<name>/results.json (+ run.json, log.txt); a run that has one is skipped, so the
+same command resumes. --time_budget_s: no run is launched once it would end past the budget (estimated from
+the finished runs' durations); --deadline_s: runs still going then are killed. The aggregate (accuracy.json,
+.csv, .png, .md) is written from whatever finished, also after an error or Ctrl-C; one line per finished run
+goes to stdout and <out>/sweep_log.txt.
+"""
+from __future__ import annotations
+
+import time
+
+START = time.time()  # the budget and the deadline count from here
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # `benchmarks.accuracy.*`
+
+from benchmarks.accuracy import aggregate, grid, tuning  # noqa: E402
+from benchmarks.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
+
+RECIPE = REPO / "recipes" / "llama_commonsense.py"
+
+# option -> (study default, --smoke default); None in the parser means "take one of these"
+DEFAULTS = {
+    "max_train_samples": (4000, 16), "num_train_epochs": (1.0, 1.0), "per_device_train_batch_size": (16, 4),
+    "max_length": (256, 128), "eval_batch_size": (128, 8), "max_new_tokens": (10, 4), "bf16": ("true", "false"),
+    "dtype": ("bfloat16", "float32"), "full_dtype": ("float32", "float32"), "warmup_steps": (0.06, 0.06),
+    "lr_scheduler_type": ("linear", "linear"), "logging_steps": (50, 1), "lora_dropout": (0.05, 0.05),
+    "validation_per_task": (100, 2), "max_eval_samples": (200, 4), "calibration_batches": (50, 2),
+    "parallel": (8, 2), "threads_per_run": (2, 1),
+}
+HELP = {
+    "max_train_samples": "training examples per run (round-robin over the training tasks)",
+    "num_train_epochs": "epochs", "per_device_train_batch_size": "batch size", "max_length": "max tokens",
+    "eval_batch_size": "prompts per generation batch", "max_new_tokens": "generated tokens per answer",
+    "bf16": "bf16 autocast (true/false)", "dtype": "weights dtype of the lora/dora/sparse runs",
+    "full_dtype": "weights dtype of full fine-tuning: float32 keeps fp32 master weights under bf16 autocast "
+                  "(pure bf16 weights round away most AdamW updates at lr ~1e-5)",
+    "warmup_steps": "warmup (float < 1: ratio of the steps)", "lr_scheduler_type": "schedule",
+    "logging_steps": "log every N steps", "lora_dropout": "LoRA / DoRA dropout (alpha is 2r)",
+    "validation_per_task": "tune phase: held-out training examples per task (V)",
+    "max_eval_samples": "test phase: seeded test examples per task (E; -1 all)",
+    "calibration_batches": "taylor / hessian / zeroth_order scoring batches (paper: 50)",
+    "parallel": "runs at once on the device (P)", "threads_per_run": "OMP_NUM_THREADS of each run",
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--out", required=True, help="output folder (runs/, tuned_lr.json, accuracy.*, sweep_log.txt)")
+    ap.add_argument("--phase", choices=("tune", "test", "all"), default="all")
+    ap.add_argument("--model_name_or_path", required=True, help="local model folder (its config.json sizes "
+                                                                "the sparse budgets; SmolLM2-135M's if absent)")
+    ap.add_argument("--data_dir", required=True, help="LLM-Adapters folder: train/*.json[.gz], test/*.json[.gz]")
+    for name, (study, smoke) in DEFAULTS.items():
+        ap.add_argument(f"--{name}", type=type(study), default=None,
+                        help=f"{HELP[name]} (default {study}; --smoke {smoke})")
+    ap.add_argument("--tune_seed", type=int, default=grid.TUNE_SEED)
+    ap.add_argument("--seeds", default=",".join(map(str, grid.TEST_SEEDS)), help="test-phase seeds, comma list")
+    ap.add_argument("--time_budget_s", type=float, default=None, help="launch no run that would end past this")
+    ap.add_argument("--deadline_s", type=float, default=None, help="kill runs still going at this time")
+    ap.add_argument("--only", default=None, help="regex: only runs whose name matches (re.search)")
+    ap.add_argument("--dry_run", action="store_true", help="print the runs and their command lines, run nothing")
+    ap.add_argument("--smoke", action="store_true",
+                    help="1 lr per family, 1 seed, 2 sparse configs, CPU (--use_cpu), no bf16, small sizes")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for the runs")
+    args = ap.parse_args(argv)
+    for name, (study, smoke) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else study)
+    if args.smoke:
+        args.seeds = str(grid.TUNE_SEED)
+    args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    for name in ("model_name_or_path", "data_dir"):  # the runs start in the repo root
+        if Path(getattr(args, name)).exists():
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    return args
+
+
+def common_flags(args) -> list[str]:
+    flags = ["--model_name_or_path", args.model_name_or_path, "--data_source", "local", "--data_dir", args.data_dir,
+             "--max_train_samples", args.max_train_samples, "--num_train_epochs", args.num_train_epochs,
+             "--per_device_train_batch_size", args.per_device_train_batch_size, "--max_length", args.max_length,
+             "--eval_batch_size", args.eval_batch_size, "--max_new_tokens", args.max_new_tokens, "--bf16", args.bf16,
+             "--warmup_steps", args.warmup_steps, "--lr_scheduler_type", args.lr_scheduler_type,
+             "--logging_steps", args.logging_steps, "--save_strategy", "no", "--save_adapter", "false",
+             "--eval_before", "false", "--report_to", "none", "--disable_tqdm", "true"]
+    if args.smoke:
+        flags += ["--use_cpu", "true"]
+    return [str(f) for f in flags]
+
+
+def phase_flags(args, phase: str) -> list[str]:
+    if phase == "tune":
+        return ["--validation_per_task", str(args.validation_per_task), "--max_eval_samples", "-1"]
+    return ["--max_eval_samples", str(args.max_eval_samples)]
+
+
+def to_job(run: grid.Run, args, out: Path) -> Job:
+    run_dir = out / "runs" / run.name
+    dtype = args.full_dtype if run.config.family == "full" else args.dtype
+    argv = [args.python, str(RECIPE), *common_flags(args), "--dtype", dtype, *phase_flags(args, run.phase),
+            *run.flags(), "--output_dir", str(run_dir)]
+    return Job(run.name, argv, run_dir, run.meta())
+
+
+def run_env(args) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(args.threads_per_run), "MKL_NUM_THREADS": str(args.threads_per_run),
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):  # everything is local
+        env.setdefault(k, "1")
+    return env
+
+
+def summary_of(job: Job) -> str:
+    import json
+
+    res = json.loads(job.result.read_text())
+    after, tr = res.get("after") or {}, res.get("training") or {}
+    label = "val" if job.meta.get("phase") == "tune" else "test"
+    acc = f"{label} avg {100 * after['average']:.1f}%" if "average" in after else "no eval"
+    return f"{acc}  trainable {tr.get('trainable_params', 0):,}"
+
+
+def model_shape(args, log) -> grid.LlamaShape:
+    cfg = Path(args.model_name_or_path) / "config.json"
+    if cfg.is_file():
+        return grid.LlamaShape.from_model_dir(args.model_name_or_path)
+    log(f"no {cfg}: sparse budgets from SmolLM2-135M's shape {grid.SMOLLM2_135M}")
+    return grid.SMOLLM2_135M
+
+
+def _print_dry(phase: str, jobs: list[Job]) -> None:
+    print(f"# phase {phase}: {len(jobs)} runs")
+    for j in jobs:
+        print(f"{j.name}\n    {shlex.join(j.argv)}")
+
+
+def main(argv=None, t0: Optional[float] = None) -> dict:
+    """Run the sweep (argv: the command line; t0: when the budget starts, default this module's import)."""
+    t0 = START if t0 is None else t0
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    log = SweepLog(out / "sweep_log.txt", t0) if not args.dry_run else (lambda msg: print(msg, flush=True))
+    shape = model_shape(args, log)
+    cfgs = grid.configs(shape, args.calibration_batches, args.lora_dropout)
+    counts, history, stats = {}, [], {}
+    run = dict(parallel=args.parallel, log=log, t0=t0, env=run_env(args), time_budget_s=args.time_budget_s,
+               deadline_s=args.deadline_s, summary=summary_of, cwd=str(REPO), history=history)
+    if not args.dry_run:
+        log(f"sweep {args.phase} -> {out}: {args.parallel} parallel, budget {args.time_budget_s} s, deadline "
+            f"{args.deadline_s} s, smoke {args.smoke}")
+    # SIGTERM (e.g. a wall-clock limit) -> SystemExit: running jobs are stopped and the aggregate still written
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        if args.phase in ("tune", "all"):
+            jobs = [to_job(r, args, out) for r in grid.select(grid.tune_runs(cfgs, args.tune_seed, args.smoke),
+                                                              args.only)]
+            counts["tune"] = len(jobs)
+            if args.dry_run:
+                _print_dry("tune", jobs)
+            else:
+                stats["tune"] = run_jobs(jobs, **run)
+                tuned = tuning.write_tuned(aggregate.load_runs(out), out / "tuned_lr.json", args.smoke)
+                log("tuned lr: " + ", ".join(f"{f} {t['lr']:g}" + ("" if t["val_average"] is None else
+                                                                  f" ({100 * t['val_average']:.1f}%)")
+                                             for f, t in tuned["families"].items()))
+        if args.phase in ("test", "all"):
+            tuned_path = out / "tuned_lr.json"
+            if tuned_path.is_file():
+                lrs = tuning.read_lrs(tuned_path)
+            elif args.dry_run:
+                lrs = {f: grid.default_lr(f) for f in grid.FAMILIES}
+                print(f"# no {tuned_path}: the test runs below show each grid's middle lr")
+            else:
+                raise SystemExit(f"--phase test needs {tuned_path}: run --phase tune (or all) first.")
+            jobs = [to_job(r, args, out) for r in grid.select(grid.evaluation_runs(cfgs, lrs, args.seeds, args.smoke),
+                                                              args.only)]
+            counts["test"] = len(jobs)
+            if args.dry_run:
+                _print_dry("test", jobs)
+            else:
+                stats["test"] = run_jobs(jobs, **run)
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        if args.dry_run:
+            print("dry run: " + ", ".join(f"{p} {n} runs" for p, n in counts.items()))
+        else:
+            for phase, st in stats.items():
+                log(f"{phase}: {len(st.finished)} finished, {len(st.done_before)} done before, {len(st.failed)} "
+                    f"failed, {len(st.killed)} killed, {len(st.not_launched)} not launched")
+            paths = aggregate.write_all(out)
+            log("aggregate: " + ", ".join(str(p) for p in paths.values() if p))
+    return {"counts": counts, "stats": stats, "out": out}
+
+
+if __name__ == "__main__":
+    main()
