@@ -24,14 +24,13 @@ to zero (the step would become m / eps). Each step dequantizes to fp32, does the
 requantizes.
 """
 
-import functools
-
 import torch
 from torch.optim.adam import adam as _torch_adam
 
+from .blockwise import BLOCK, dequantize_blockwise, quantize_blockwise  # noqa: F401 (re-exported)
 from .config import OPTIMIZER_STATES as STATE_DTYPES
+from .optim_flat import FlatChunk, chunk_params
 
-BLOCK = 256
 _HPARAMS = ("lr", "betas", "eps", "weight_decay", "state_dtype")  # per param group
 
 
@@ -41,50 +40,6 @@ def adam_state_bytes_per_param(state_dtype: str) -> float:
         raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype!r}")
     # two moments; int8 adds one fp32 scale per moment per block of 256
     return {"float32": 8.0, "bfloat16": 4.0, "int8": 2.0 + 2 * 4 / BLOCK}[state_dtype]
-
-
-@functools.lru_cache(maxsize=None)
-def _dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
-    """Sorted quantization levels in [0, 1], built like bitsandbytes' create_dynamic_map.
-
-    signed=False (SQ): 256 levels: 0, the centres of 2^(i+1) linear bins in each decade
-    [10^(i-7), 10^(i-6)] for i = 0..6, and 1.
-    signed=True (MAG): 128 magnitudes, same with 2^i bins per decade (smallest centre dropped so
-    that ±127 fits int8); the int8 code's sign gives the value's sign.
-    """
-    levels = []
-    for i in range(7):
-        edges = torch.linspace(0.1, 1.0, (2**i if signed else 2 ** (i + 1)) + 1)
-        levels += (10.0 ** (i - 6) * (edges[:-1] + edges[1:]) / 2).tolist()
-    if signed:
-        levels = sorted(levels)[1:]
-    return torch.tensor(sorted(levels + [0.0, 1.0]), dtype=torch.float32, device=device)
-
-
-def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (any shape; >= 0 unless signed) -> codes (numel,) int8|uint8, scales (ceil(numel/256),) fp32.
-
-    Each value maps to the nearest level of its block-normalised magnitude |x| / absmax(block).
-    """
-    n = x.numel()
-    flat = x.detach().float().flatten()  # (numel,)
-    blocks = torch.nn.functional.pad(flat, (0, -n % BLOCK)).view(-1, BLOCK)  # (nb, 256)
-    scale = blocks.abs().amax(dim=1)  # (nb,)
-    xn = blocks.abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # (nb, 256) in [0, 1]
-    table = _dynamic_map(signed, x.device)
-    codes = torch.bucketize(xn, (table[1:] + table[:-1]) / 2).flatten()[:n]  # (numel,) level index
-    if signed:
-        return torch.where(flat < 0, -codes, codes).to(torch.int8), scale
-    return torch.where(flat > 0, codes.clamp_min(1), codes).to(torch.uint8), scale
-
-
-def dequantize_blockwise(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of quantize_blockwise (signedness from the code dtype) -> fp32 tensor of `shape`."""
-    n, signed = codes.numel(), codes.dtype == torch.int8
-    table = _dynamic_map(signed, codes.device)
-    c = torch.nn.functional.pad(codes.long(), (0, -n % BLOCK)).view(-1, BLOCK)  # (nb, 256)
-    values = table[c.abs()] * c.sign() if signed else table[c]
-    return (values * scale[:, None]).flatten()[:n].view(shape)
 
 
 class SliceAdamW(torch.optim.Optimizer):
@@ -116,24 +71,56 @@ class SliceAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            batched = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group.get("foreach", True) and _torch_math_applies(p, group):
-                    batched.append(p)
-                else:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            for p in with_grad:
+                if p.grad.is_sparse:
+                    raise RuntimeError("SliceAdamW does not support sparse gradients")
+            if not group.get("foreach", True):
+                for p in with_grad:
                     self._update(p, group)
-            if batched:
-                self._update_foreach(batched, group)
+                continue
+            torch_math = [p for p in with_grad if _torch_math_applies(p, group)]
+            if torch_math:
+                self._update_foreach(torch_math, group)
+            if _flat_applies(group):  # the layout covers every param of the group, so it is the same each step
+                self._update_flat(group["params"], group)
+            else:
+                for p in with_grad:
+                    if not _torch_math_applies(p, group):
+                        self._update(p, group)
         return loss
+
+    def _update_flat(self, params: list, group: dict) -> None:
+        """Compressed moments: each chunk of slices (optim_flat) in one batched step when all of its params have
+        a grad and the same step count; otherwise (rare: params without grads) per param."""
+        lr, (beta1, beta2), eps, wd, kind = (group[k] for k in _HPARAMS)
+        layouts = self.__dict__.setdefault("_flat_layouts", {})  # not state: rebuilt after pickling
+        key = (kind,) + tuple(id(p) for p in params)
+        if key not in layouts:
+            layouts[key] = [FlatChunk(c, kind) for c in chunk_params(list(params))]
+        for chunk in layouts[key]:
+            states = [self.state[p] for p in chunk.params]
+            for s in states:
+                s.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+            if any(p.grad is None for p in chunk.params) or len({float(s["step"]) for s in states}) > 1:
+                for p in chunk.params:
+                    if p.grad is not None:
+                        self._update(p, group)
+                continue
+            chunk.link(states)
+            param = chunk.gather([p.detach() for p in chunk.params])
+            grad = chunk.gather([p.grad for p in chunk.params])
+            exp_avg, exp_avg_sq = chunk.moments()
+            for s in states:
+                s["step"] += 1
+            _adam_math(param, grad, exp_avg, exp_avg_sq, float(states[0]["step"]), lr, beta1, beta2, eps, wd)
+            chunk.store_moments(exp_avg, exp_avg_sq)
+            chunk.scatter_(param, [p.detach() for p in chunk.params])
 
     def _update_foreach(self, params: list, group: dict) -> None:
         """fp32 params with fp32 state: torch's own multi-tensor AdamW kernels over all of them at once."""
         lr, (beta1, beta2), eps, wd, _ = (group[k] for k in _HPARAMS)
         for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError("SliceAdamW does not support sparse gradients")
             if not self.state[p]:
                 self._init_state(self.state[p], p, "float32")
         states = [self.state[p] for p in params]
@@ -143,12 +130,10 @@ class SliceAdamW(torch.optim.Optimizer):
             amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps, maximize=False)
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
-        if p.grad.is_sparse:
-            raise RuntimeError("SliceAdamW does not support sparse gradients")
         lr, (beta1, beta2), eps, wd, kind = (group[k] for k in _HPARAMS)
         state = self.state[p]
-        if not state:
-            self._init_state(state, p, kind)
+        if set(state) <= {"step"}:  # new, or only a step counter from an unfinished flat step
+            self._init_state(state, p, kind, state.get("step"))
 
         param = p.float()  # fp32 params: p itself (in place); bf16/fp16: an fp32 copy written back below
         grad = p.grad.float()
@@ -161,20 +146,8 @@ class SliceAdamW(torch.optim.Optimizer):
             sqrt_v = dequantize_blockwise(state["exp_avg_sq_code"], state["exp_avg_sq_scale"], p.shape)
             exp_avg_sq = sqrt_v.square_()
 
-        # Same ops, same order as torch.optim.adam._single_tensor_adam (decoupled weight decay).
-        step_t = state["step"]
-        step_t += 1
-        if wd != 0:
-            param.mul_(1 - lr * wd)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2**0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        state["step"] += 1
+        _adam_math(param, grad, exp_avg, exp_avg_sq, state["step"].item(), lr, beta1, beta2, eps, wd)
 
         if param is not p:
             p.copy_(param)
@@ -187,9 +160,9 @@ class SliceAdamW(torch.optim.Optimizer):
             state["exp_avg_sq_code"], state["exp_avg_sq_scale"] = quantize_blockwise(sqrt_v, signed=False)
 
     @staticmethod
-    def _init_state(state: dict, p: torch.Tensor, kind: str) -> None:
+    def _init_state(state: dict, p: torch.Tensor, kind: str, step=None) -> None:
         # fp32 step counter on CPU, exactly as torch's non-capturable Adam keeps it
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] = step if step is not None else torch.tensor(0.0, dtype=torch.float32)
         if kind == "int8":
             n, nb = p.numel(), -(-p.numel() // BLOCK)
             state["exp_avg_code"] = torch.zeros(n, dtype=torch.int8, device=p.device)  # (numel,)
@@ -219,6 +192,25 @@ class SliceAdamW(torch.optim.Optimizer):
         """Bytes held in optimizer state tensors (moments, scales and step counters)."""
         tensors = [v for s in self.state.values() for v in s.values() if torch.is_tensor(v)]
         return sum(v.numel() * v.element_size() for v in tensors)
+
+
+def _adam_math(param, grad, exp_avg, exp_avg_sq, step: float, lr, beta1, beta2, eps, wd) -> None:
+    """One AdamW update of fp32 tensors in place: the ops, in the order, of torch.optim.adam._single_tensor_adam
+    (decoupled weight decay), so fp32 results are torch's bit for bit."""
+    if wd != 0:
+        param.mul_(1 - lr * wd)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _flat_applies(group: dict) -> bool:
+    return group["state_dtype"] in ("int8", "bfloat16")
 
 
 def _torch_math_applies(p: torch.Tensor, group: dict) -> bool:

@@ -281,3 +281,44 @@ def test_bad_group_arguments_and_sparse_grads_raise():
     p.grad = torch.zeros(3).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_numel", [1 << 24, 512])  # one chunk; several (each param in its own or paired)
+def test_flat_compressed_step_is_bitwise_the_per_slice_step(state_dtype, param_dtype, chunk_numel, monkeypatch):
+    """The batched step (optim_flat) against the per-param loop (foreach=False), through a step where one
+    param has no grad (that chunk falls back to per param) and a state_dict hand-over."""
+    from sprune_trainer import optim_flat
+    monkeypatch.setattr(optim_flat, "CHUNK_NUMEL", chunk_numel)
+    torch.manual_seed(0)
+    base = [torch.randn(s, dtype=param_dtype) for s in SHAPES]
+    flat = [p.clone().requires_grad_() for p in base]
+    loop = [p.clone().requires_grad_() for p in base]
+    opt_f = SliceAdamW(_groups(flat), lr=1e-2, state_dtype=state_dtype)
+    opt_l = SliceAdamW(_groups(loop), lr=1e-2, state_dtype=state_dtype, foreach=False)
+    for step in range(12):
+        if step == 6:  # hand the flat optimizer's state over to a fresh one
+            buf = io.BytesIO()
+            torch.save(opt_f.state_dict(), buf)
+            buf.seek(0)
+            flat = [p.detach().clone().requires_grad_() for p in flat]
+            opt_f = SliceAdamW(_groups(flat), state_dtype=state_dtype)
+            opt_f.load_state_dict(torch.load(buf, weights_only=True))
+        grads = [g.to(param_dtype) for g in _grads(step, flat)]
+        if step == 3:
+            grads[1] = None
+        for ps in (flat, loop):
+            for p, g in zip(ps, grads):
+                p.grad = None if g is None else g.clone()
+        opt_f.step()
+        opt_l.step()
+        for a, b in zip(flat, loop):
+            assert torch.equal(a, b), step
+            sa, sb = opt_f.state[a], opt_l.state[b]
+            assert sa.keys() == sb.keys()
+            for k in sa:
+                assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), (step, k)
+    assert opt_f.state_bytes() == opt_l.state_bytes()
+    key = "exp_avg_code" if state_dtype == "int8" else "exp_avg"
+    assert opt_f.state[flat[3]][key]._base is not None  # it did take the flat path (state is a view)
