@@ -1,4 +1,4 @@
-"""One autograd function per slice axis for a plain dense base: the frozen matmul and the slice update in one
+"""One autograd function for a sliced layer over a plain dense base: the frozen matmul and the slice update in one
 node, so the slice costs no extra full-size tensor.
 
 What the generic path (`base(x)` then a separate slice update) pays, per layer and step, and these avoid:
@@ -20,58 +20,41 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-class RowSlicedLinear(torch.autograd.Function):
-    """y = x @ W.T + b, then y[..., I] += x @ delta.T;   delta (k, d_in)."""
+class SlicedLinearFunction(torch.autograd.Function):
+    """rows:    y = x @ W.T + b, then y[..., I] += x @ delta.T          delta (k, d_in); saves x
+    columns: y = x @ W.T + b + x[..., J] @ delta.T                     delta (d_out, k); saves x[..., J] only"""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index, delta):
+    def forward(ctx, x, weight, bias, index, delta, axis: str):
         dt = x.dtype
-        d = delta.to(dt)  # (k, d_in)
+        d = delta.to(dt)
         y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))  # (..., d_out)
-        y.index_add_(-1, index, x @ d.T)
-        ctx.save_for_backward(x, weight, index, d)
-        ctx.delta_dtype = delta.dtype
+        if axis == "rows":
+            y.index_add_(-1, index, x @ d.T)
+            saved = x
+        else:
+            saved = x.index_select(-1, index)  # (..., k)
+            _flat(y).addmm_(_flat(saved), d.T)
+        ctx.save_for_backward(saved, weight, index, d)
+        ctx.axis, ctx.delta_dtype = axis, delta.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, index, d = ctx.saved_tensors
-        g = grad_y.to(x.dtype)
-        g_k = _flat(g.index_select(-1, index))  # (n, k)
+        saved, weight, index, d = ctx.saved_tensors
+        rows = ctx.axis == "rows"
+        g = grad_y.to(saved.dtype)
+        g_k = _flat(g.index_select(-1, index)) if rows else None  # (n, k)
         grad_x = grad_delta = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight.to(x.dtype)  # (..., d_in)
-            _flat(grad_x).addmm_(g_k, d)
+            grad_x = g @ weight.to(saved.dtype)  # (..., d_in)
+            if rows:
+                _flat(grad_x).addmm_(g_k, d)
+            else:
+                grad_x.index_add_(-1, index, g @ d)
         if ctx.needs_input_grad[4]:
-            grad_delta = (g_k.T @ _flat(x)).to(ctx.delta_dtype)  # (k, d_in)
-        return grad_x, None, None, None, grad_delta
-
-
-class ColumnSlicedLinear(torch.autograd.Function):
-    """y = x @ W.T + b + x[..., J] @ delta.T;   delta (d_out, k). Saves only x[..., J] for backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, index, delta):
-        dt = x.dtype
-        d = delta.to(dt)  # (d_out, k)
-        y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))  # (..., d_out)
-        x_j = x.index_select(-1, index)  # (..., k)
-        _flat(y).addmm_(_flat(x_j), d.T)
-        ctx.save_for_backward(x_j, weight, index, d)
-        ctx.delta_dtype = delta.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x_j, weight, index, d = ctx.saved_tensors
-        g = grad_y.to(x_j.dtype)
-        grad_x = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ weight.to(x_j.dtype)  # (..., d_in)
-            grad_x.index_add_(-1, index, g @ d)
-        if ctx.needs_input_grad[4]:
-            grad_delta = (_flat(g).T @ _flat(x_j)).to(ctx.delta_dtype)  # (d_out, k)
-        return grad_x, None, None, None, grad_delta
+            grad_delta = ((g_k if rows else _flat(g)).T @ _flat(saved)).to(ctx.delta_dtype)
+        return grad_x, None, None, None, grad_delta, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -85,6 +68,5 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def sliced_linear(x, weight, bias, index, delta, axis: str) -> torch.Tensor:
     """x @ (W + slice update).T + b through the fused functions, with autocast's casting done here."""
     dt = compute_dtype(x)
-    fn = RowSlicedLinear if axis == "rows" else ColumnSlicedLinear
     with torch.autocast(x.device.type, enabled=False):
-        return fn.apply(x.to(dt), weight, bias, index, delta)
+        return SlicedLinearFunction.apply(x.to(dt), weight, bias, index, delta, axis)

@@ -120,6 +120,17 @@ def test_state_dict_round_trip_continues_torch_trajectory(via_bytes, foreach):
         _step_both(step, ours, theirs, opt, ref)
 
 
+def _handed_over(opt, params, state_dtype):
+    """Fresh copies of `params` and a fresh SliceAdamW that loaded `opt`'s state_dict through bytes."""
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    params = [p.detach().clone().requires_grad_() for p in params]
+    fresh = SliceAdamW(_groups(params), state_dtype=state_dtype)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    return params, fresh
+
+
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_compressed_state_dict_round_trip_is_exact(state_dtype, param_dtype):
@@ -129,12 +140,7 @@ def test_compressed_state_dict_round_trip_is_exact(state_dtype, param_dtype):
         opt = SliceAdamW(_groups(params), lr=1e-2, state_dtype=state_dtype)
         for step in range(10):
             if step == 5 and handover:
-                buf = io.BytesIO()
-                torch.save(opt.state_dict(), buf)
-                buf.seek(0)
-                params = [p.detach().clone().requires_grad_() for p in params]
-                opt = SliceAdamW(_groups(params), state_dtype=state_dtype)
-                opt.load_state_dict(torch.load(buf, weights_only=True))
+                params, opt = _handed_over(opt, params, state_dtype)
             _set_grads(params, [g.to(param_dtype) for g in _grads(step, params)])
             opt.step()
         return params, opt
@@ -299,12 +305,7 @@ def test_flat_compressed_step_is_bitwise_the_per_slice_step(state_dtype, param_d
     opt_l = SliceAdamW(_groups(loop), lr=1e-2, state_dtype=state_dtype, foreach=False)
     for step in range(12):
         if step == 6:  # hand the flat optimizer's state over to a fresh one
-            buf = io.BytesIO()
-            torch.save(opt_f.state_dict(), buf)
-            buf.seek(0)
-            flat = [p.detach().clone().requires_grad_() for p in flat]
-            opt_f = SliceAdamW(_groups(flat), state_dtype=state_dtype)
-            opt_f.load_state_dict(torch.load(buf, weights_only=True))
+            flat, opt_f = _handed_over(opt_f, flat, state_dtype)
         grads = [g.to(param_dtype) for g in _grads(step, flat)]
         if step == 3:
             grads[1] = None

@@ -182,15 +182,20 @@ def main(argv=None, t0: Optional[float] = None) -> dict:
             f"{args.deadline_s} s, smoke {args.smoke}")
     # SIGTERM (e.g. a wall-clock limit) -> SystemExit: running jobs are stopped and the aggregate still written
     old_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    def run_phase(phase: str, runs) -> bool:
+        """List (--dry_run) or run one phase's jobs; True when they ran."""
+        jobs = [to_job(r, args, out) for r in grid.select(runs, args.only)]
+        counts[phase] = len(jobs)
+        if args.dry_run:
+            _print_dry(phase, jobs)
+            return False
+        stats[phase] = run_jobs(jobs, **run)
+        return True
+
     try:
         if args.phase in ("tune", "all"):
-            jobs = [to_job(r, args, out) for r in grid.select(grid.tune_runs(cfgs, args.tune_seed, args.smoke),
-                                                              args.only)]
-            counts["tune"] = len(jobs)
-            if args.dry_run:
-                _print_dry("tune", jobs)
-            else:
-                stats["tune"] = run_jobs(jobs, **run)
+            if run_phase("tune", grid.tune_runs(cfgs, args.tune_seed, args.smoke)):
                 tuned = tuning.write_tuned(aggregate.load_runs(out), out / "tuned_lr.json", args.smoke)
                 log("tuned lr: " + ", ".join(f"{f} {t['lr']:g}" + ("" if t["val_average"] is None else
                                                                   f" ({100 * t['val_average']:.1f}%)")
@@ -204,13 +209,7 @@ def main(argv=None, t0: Optional[float] = None) -> dict:
                 print(f"# no {tuned_path}: the test runs below show each grid's middle lr")
             else:
                 raise SystemExit(f"--phase test needs {tuned_path}: run --phase tune (or all) first.")
-            jobs = [to_job(r, args, out) for r in grid.select(grid.evaluation_runs(cfgs, lrs, args.seeds, args.smoke),
-                                                              args.only)]
-            counts["test"] = len(jobs)
-            if args.dry_run:
-                _print_dry("test", jobs)
-            else:
-                stats["test"] = run_jobs(jobs, **run)
+            run_phase("test", grid.evaluation_runs(cfgs, lrs, args.seeds, args.smoke))
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         if args.dry_run:
