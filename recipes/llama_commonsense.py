@@ -22,6 +22,11 @@ python recipes/llama_commonsense.py --model_name_or_path meta-llama/Meta-Llama-3
 
 # same data / schedule / evaluation with a PEFT baseline: --method lora | dora | full (+ --lora_r 32 ...)
 
+# a 4-bit NF4 base (bitsandbytes): sparse slices over it, or QLoRA with --method lora
+python recipes/llama_commonsense.py <flags as above> --load_in_4bit true
+# full precision in, NF4 base + chosen rows started at the quantization residual (exact rows)
+python recipes/llama_commonsense.py <flags as above> --quantize_base nf4 --init_from_quantization_error true
+
 # several GPUs (DDP) or DeepSpeed ZeRO-2 (configs in ds_configs/; no optimizer block, "auto" values)
 accelerate launch --num_processes 4 recipes/llama_commonsense.py <flags as above>
 accelerate launch --config_file ds_configs/<accelerate yaml> recipes/llama_commonsense.py <flags as above>
@@ -83,6 +88,13 @@ class ModelArguments:
     lora_r: int = field(default=32, metadata={"help": "lora/dora: rank (DoRA paper, commonsense: 32)."})
     lora_alpha: float = field(default=64.0, metadata={"help": "lora/dora: alpha (scale alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "lora/dora: dropout on the adapter input."})
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load the base in 4-bit NF4 (bitsandbytes): lora/dora become QLoRA / QDoRA, "
+                                         "sparse trains slices over the 4-bit base. Compute dtype: --dtype "
+                                         "(auto: bfloat16). For the low-quantization-error start, load in full "
+                                         "precision and pass --quantize_base nf4 --init_from_quantization_error "
+                                         "true instead (a 4-bit load has lost the original weights)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8-bit (bitsandbytes LLM.int8)."})
     adapter_dir: Optional[str] = field(
         default=None, metadata={"help": "Load a saved adapter (sparse or PEFT, as written to <output_dir>/adapter) "
                                         "onto the base model first, e.g. to evaluate it with --do_train false."})
@@ -242,12 +254,18 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
         max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
         eval_fraction=data_args.olmo_eval_fraction, seed=train_args.seed, cache_dir=model_args.cache_dir,
         validation_per_task=data_args.validation_per_task)
-    model, tok = load_model_and_tokenizer(model_args.model_name_or_path, model_args.cache_dir, model_args.dtype)
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise ValueError("Pass at most one of --load_in_4bit / --load_in_8bit.")
+    if method == "full" and (model_args.load_in_4bit or model_args.load_in_8bit):
+        raise ValueError("--method full cannot train quantized weights; drop --load_in_4bit / --load_in_8bit.")
+    load_in_bits = 4 if model_args.load_in_4bit else 8 if model_args.load_in_8bit else None
+    model, tok = load_model_and_tokenizer(model_args.model_name_or_path, model_args.cache_dir, model_args.dtype,
+                                          load_in_bits=load_in_bits, device=str(train_args.device), zero3=zero3)
     check_has_linear_layers(model, sparse_cfg.target_modules)
     _, base_params = count_parameters(model)
     if model_args.adapter_dir:
         model = _attach_adapter(model, model_args.adapter_dir, method)
-    if not zero3:
+    if not zero3 and not load_in_bits:  # a quantized load is already on its device
         model.to(train_args.device)
     metric = load_accuracy()
     eval_kw = dict(metric=metric, batch_size=data_args.eval_batch_size, max_new_tokens=data_args.max_new_tokens,

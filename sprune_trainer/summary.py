@@ -10,7 +10,7 @@ from .inject import sliced_modules
 from .optim import adam_state_bytes_per_param
 
 
-def _logical_numel(p: nn.Parameter) -> int:
+def logical_numel(p: nn.Parameter) -> int:
     """Parameters `p` stands for, not the elements it stores: bnb `Params4bit` packs two 4-bit codes per byte of
     its storage dtype, and ZeRO-3 partitions keep the full size in `ds_numel`."""
     state = getattr(p, "quant_state", None)
@@ -28,8 +28,8 @@ def selection_summary(model: nn.Module, optimizer_state: str = "float32") -> dic
     for name, layer in layers.items():
         n_units = layer.out_features if layer.axis == "rows" else layer.in_features
         by_kind[name.split(".")[-1]].append((layer.index.numel(), n_units))
-    trainable = sum(_logical_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(_logical_numel(p) for p in model.parameters())
+    trainable = sum(logical_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(logical_numel(p) for p in model.parameters())
     frozen = total - trainable
     return {
         "sliced_layers": len(layers),

@@ -130,3 +130,28 @@ def test_recipe_rejects_unknown_task_before_loading_a_model(setup, tmp_path):
                                 "--tasks", "hellaswag", "--output_dir", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="not a folder"):
         llama_commonsense.main(["--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
+
+
+@pytest.mark.skipif(not HAVE_TRAINER, reason=WHY)
+@pytest.mark.parametrize("method, trained", [("sparse", 2 * (6 * 2 * 32 + 2 * 64)), ("lora", LORA_R2)])
+def test_recipe_on_a_4bit_base(setup, tmp_path, method, trained):
+    """--load_in_4bit: the base loads as NF4 (bitsandbytes CPU backend here), sparse trains its slices over it and
+    LoRA becomes QLoRA; both train exactly their adapter and evaluate before and after."""
+    from test_quantization import CPU
+    if CPU["4bit"]:
+        pytest.skip(CPU["4bit"])
+    out = tmp_path / method
+    res = _run(setup, out, "--method", method, "--load_in_4bit", "true", "--neurons_per_layer", "2",
+               "--lora_r", "2", "--lora_alpha", "4", "--dtype", "float32")
+    _check_run(setup, res, out)
+    assert res["training"]["trainable_params"] == trained
+    from commonsense.modeling import count_parameters, load_model_and_tokenizer
+    model, _ = load_model_and_tokenizer(setup["model"], load_in_bits=4, dtype="float32")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    full_precision = load_model_and_tokenizer(setup["model"], dtype="float32")[0]
+    assert count_parameters(model)[1] == res["training"]["base_model_params"] == count_parameters(full_precision)[1]
+
+
+def test_recipe_rejects_full_ft_of_a_quantized_base(setup, tmp_path):
+    with pytest.raises(ValueError, match="cannot train quantized"):
+        _run(setup, tmp_path / "x", "--method", "full", "--load_in_4bit", "true")

@@ -69,23 +69,49 @@ def smollm2_offline_dir(cache_dir: Optional[str] = None) -> Path:
     return out
 
 
+def bitsandbytes_config(bits: int, compute_dtype: torch.dtype, zero3: bool = False):
+    """QLoRA's loading setup: 4-bit NF4 (blocksize 64, no double quantization) or 8-bit (LLM.int8). Under
+    ZeRO-3 the 4-bit codes are stored in the compute dtype, so DeepSpeed can partition them with the rest."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if bits != 4:
+        raise ValueError(f"load_in_bits must be 4 or 8, got {bits}")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=False,
+                              bnb_4bit_quant_storage=compute_dtype if zero3 else torch.uint8)
+
+
 def load_model_and_tokenizer(name_or_path: str = OFFLINE_DEFAULT, cache_dir: Optional[str] = None,
-                             dtype: str = "auto", revision: Optional[str] = None):
-    """(model, tokenizer); the tokenizer gets a pad token (EOS) when it has none."""
+                             dtype: str = "auto", revision: Optional[str] = None, load_in_bits: Optional[int] = None,
+                             device: Optional[str] = None, zero3: bool = False):
+    """(model, tokenizer); the tokenizer gets a pad token (EOS) when it has none. `load_in_bits` 4 / 8 loads the
+    weights quantized with bitsandbytes, straight onto `device` (quantized models are not moved afterwards)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
     if name_or_path == OFFLINE_DEFAULT:
         name_or_path = str(smollm2_offline_dir(cache_dir))
     if name_or_path.endswith(".gguf"):
+        if load_in_bits:
+            raise ValueError("--load_in_4bit / --load_in_8bit need a safetensors model folder, not a .gguf file "
+                             "(the offline default is converted to one; pass that folder).")
         path = Path(name_or_path)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         model, tok = _load_gguf(path, dtype=torch_dtype)
     else:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        kw = {}
+        if load_in_bits:
+            from sprune_trainer.quantization import import_bitsandbytes
+            import_bitsandbytes(f"--load_in_{load_in_bits}bit")
+            kw["quantization_config"] = bitsandbytes_config(load_in_bits, torch_dtype or torch.bfloat16, zero3)
+            if not zero3:
+                kw["device_map"] = {"": device or "cpu"}
         model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision,
-                                                     dtype=torch_dtype if torch_dtype else "auto")
+                                                     dtype=torch_dtype if torch_dtype else "auto", **kw)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
@@ -121,8 +147,10 @@ def check_has_linear_layers(model: nn.Module, target_modules=None) -> list[str]:
 def apply_peft(model: nn.Module, method: str, r: int, alpha: float, dropout: float, target_modules=None):
     """LoRA / DoRA (PEFT) on the same layers the sparse method targets: `target_modules`, else every linear
     but the head (for Llama: q/k/v/o/gate/up/down)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # QLoRA
     targets = target_modules if target_modules else "all-linear"
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                      task_type="CAUSAL_LM", use_dora=(method == "dora"))
@@ -130,13 +158,16 @@ def apply_peft(model: nn.Module, method: str, r: int, alpha: float, dropout: flo
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) numbers of parameters; shared (tied) tensors counted once."""
+    """(trainable, total) numbers of parameters; shared (tied) tensors counted once, 4-bit packed weights by the
+    parameters they stand for."""
+    from sprune_trainer.summary import logical_numel
+
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += logical_numel(p)
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += logical_numel(p)
     return trainable, total
