@@ -155,3 +155,14 @@ def test_recipe_on_a_4bit_base(setup, tmp_path, method, trained):
 def test_recipe_rejects_full_ft_of_a_quantized_base(setup, tmp_path):
     with pytest.raises(ValueError, match="cannot train quantized"):
         _run(setup, tmp_path / "x", "--method", "full", "--load_in_4bit", "true")
+
+
+@pytest.mark.skipif(not HAVE_TRAINER, reason=WHY)
+def test_recipe_quantize_base_with_exact_rows(setup, tmp_path):
+    from test_quantization import CPU
+    if CPU["4bit"]:
+        pytest.skip(CPU["4bit"])
+    res = _run(setup, tmp_path / "qb", "--method", "sparse", "--neurons_per_layer", "2", "--dtype", "float32",
+               "--quantize_base", "nf4", "--init_from_quantization_error", "true", "--no_eval_before")
+    assert res["training"]["trainable_params"] == 2 * (6 * 2 * 32 + 2 * 64) and res["training"]["steps"] == 2
+    assert res["args"]["sparse"]["quantize_base"] == "nf4" and list(res["after"]["tasks"]) == ["boolq", "piqa"]
