@@ -93,6 +93,23 @@ def test_training_touches_only_slices_and_saves_a_small_adapter(tmp_path):
     assert torch.equal(reloaded(ids).logits, trainer.model(ids).logits)
 
 
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_trains_the_same_slices(tmp_path, axis, reentrant):
+    """Checkpointed layers re-run their forward in backward; with every base weight frozen, the reentrant variant
+    only back-propagates into a layer whose input requires grad (the trainer turns that on). Same slices either way."""
+    cfg = SparseNeuronConfig(neurons_per_layer=4, importance="l2", axis=axis)
+    plain = _trainer(tmp_path / "plain", cfg, max_steps=3)
+    plain.train()
+    ckpt = _trainer(tmp_path / "ckpt", cfg, max_steps=3, gradient_checkpointing=True,
+                    gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ckpt.train()
+    a, b = _slice_state(plain.model), _slice_state(ckpt.model)
+    assert a.keys() == b.keys() and all(v.abs().sum() > 0 for v in b.values())
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
 def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     cfg = SparseNeuronConfig(neurons_per_layer=4, importance="random")
     full = _trainer(tmp_path / "run", cfg, max_steps=6, save_strategy="steps", save_steps=3)
