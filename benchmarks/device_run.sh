@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every pending single-GPU measurement (issues 6, 7, 8) as stages for the device machine (nvidia-h100-x1), in as
+# few calls as the 64 MiB carry limit allows. /tmp survives between calls only while the machine stays warm
+# (30 s idle), so issue the calls back to back. Prepare here once (all git-ignored):
+#   bash ../shared/tools/smollm2_parts.sh            -> .m/a, .m/b  (SmolLM2-135M-Instruct GGUF in two halves)
+#   bash ../shared/tools/gpu_wheels.sh               -> .whl, .whl-bnb
+#   cp -r ../shared/data/commonsense .data/          -> .data/commonsense (LLM-Adapters files, 1.4 MB)
+# Then, one `run` call each, from the project root:
+#   1. carry [".m/a"]                    bash benchmarks/device_run.sh stage-a bench                 (~7 min)
+#   2. carry [".whl-bnb"]                bash benchmarks/device_run.sh stage-bnb                     (seconds)
+#   3. carry [".m/b", ".whl", ".data"]   bash benchmarks/device_run.sh install quant-tests speed recon-smollm2
+#   4. no carry                          bash benchmarks/device_run.sh accuracy                      (~9.5 min)
+#   5. no carry (if 4 ran out of time)   bash benchmarks/device_run.sh accuracy                      (resumes)
+#   later, no carry:                     bash benchmarks/device_run.sh recon-7b requant
+# Results go to $OUT (the device's result folder; outputs/device elsewhere): commit them under
+# benchmarks/results/ (h100/, quantization_h100/, accuracy/) with the README tables regenerated from them.
+set -uo pipefail
+GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL=/tmp/sc/SmolLM2-135M-Instruct  # safetensors folder converted from the GGUF (stage install)
+ACC=/tmp/accuracy                    # kept on the machine between calls so that stage accuracy resumes
+Q=benchmarks/quantization
+OUT=${OUT:-outputs/device}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+for stage in "$@"; do
+  echo "== $stage"
+  case $stage in
+    stage-a) mkdir -p /tmp/m && cp .m/a/part00 /tmp/m/ ;;
+    stage-bnb) mkdir -p /tmp/w && cp .whl-bnb/*.whl /tmp/w/ ;;
+    bench)  # issue 7: the main comparison at 7B/8B shapes (fused vs unfused side by side) and the Taylor cost
+      python benchmarks/run_all.py --out "$OUT/h100" --models llama3-8b,llama2-7b --criteria taylor \
+        --budget-s 400 2>&1 | tail -45 ;;
+    install)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl /tmp/w/*.whl || exit 1
+      cat /tmp/m/part00 .m/b/part01 > "$GGUF" || exit 1
+      mkdir -p /tmp/sc/gguf /tmp/data && cp "$GGUF" /tmp/sc/gguf/ && cp -r .data/commonsense /tmp/data/
+      SPRUNE_TRAINER_CACHE=/tmp/sc python -c "import sys; sys.path.insert(0, 'recipes')
+from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir())" || exit 1
+      nvidia-smi -L
+      python -c "import torch, transformers, peft, bitsandbytes as b; print(torch.__version__, transformers.__version__, peft.__version__, b.__version__)" ;;
+    quant-tests) python -m pytest -q -rs -p no:cacheprovider tests/test_quantization.py tests/test_quantization_benchmarks.py 2>&1 | tail -25 ;;
+    speed) python $Q/qlora_speed.py --shapes smollm2-135m,llama2-7b --out "$OUT/qlora_speed.json" 2>&1 | tail -14 ;;
+    recon-smollm2) python $Q/reconstruction_error.py --gguf "$GGUF" --layers all --out "$OUT/recon_smollm2.json" 2>&1 | tail -9 ;;
+    recon-7b) python $Q/reconstruction_error.py --shapes llama2-7b --out "$OUT/recon_llama2_7b.json" 2>&1 | tail -16 ;;
+    requant)
+      python $Q/merge_requantize.py --gguf "$GGUF" --layers all --model_level --out "$OUT/requant_smollm2.json" 2>&1 | tail -9
+      python $Q/merge_requantize.py --shapes llama2-7b --out "$OUT/requant_llama2_7b.json" 2>&1 | tail -14 ;;
+    accuracy)  # issue 8: tune then test, resumable; everything finished so far is copied back each call
+      python benchmarks/accuracy/sweep.py --phase all --out "$ACC" --model_name_or_path "$MODEL" \
+        --data_dir /tmp/data/commonsense --dtype float32 --parallel 12 --time_budget_s 500 --deadline_s 545 \
+        2>&1 | tail -40
+      mkdir -p "$OUT/accuracy" && cp -r "$ACC"/. "$OUT/accuracy/" ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
