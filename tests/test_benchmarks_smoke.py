@@ -146,3 +146,13 @@ def test_checkpointing_switch_recomputes_the_forward_and_is_undone(checkpointing
     model.train()
     loss = model(**batch).loss  # afterwards: nothing trainable and no grad-requiring inputs are left
     assert len(calls) == 1 and not loss.requires_grad
+
+
+def test_op_counts_show_the_batched_optimizer_and_fused_backward():
+    from benchmarks import op_counts
+    rows = {(spec.name, batched): c for spec, batched, c in op_counts.main(["--shape", "tiny", "--r", "8",
+                                                                              "--batch-seq", "1x16"])}
+    assert rows[("ours_rows_int8", True)]["optimizer"] < rows[("ours_rows_int8", False)]["optimizer"] / 2
+    assert rows[("ours_rows_fp32", True)]["backward"] < rows[("ours_rows_fp32_unfused", False)]["backward"]
+    assert rows[("ours_cols_fp32", True)]["backward"] < rows[("ours_cols_fp32_unfused", False)]["backward"]
+    assert rows[("floor", True)]["optimizer"] == 0
