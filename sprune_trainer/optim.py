@@ -85,8 +85,9 @@ class SliceAdamW(torch.optim.Optimizer):
             if _flat_applies(group):  # the layout covers every param of the group, so it is the same each step
                 self._update_flat(group["params"], group)
             else:
+                batched = {id(p) for p in torch_math}
                 for p in with_grad:
-                    if not _torch_math_applies(p, group):
+                    if id(p) not in batched:
                         self._update(p, group)
         return loss
 
@@ -100,13 +101,13 @@ class SliceAdamW(torch.optim.Optimizer):
             layouts[key] = [FlatChunk(c, kind) for c in chunk_params(list(params))]
         for chunk in layouts[key]:
             states = [self.state[p] for p in chunk.params]
-            for s in states:
-                s.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
-            if any(p.grad is None for p in chunk.params) or len({float(s["step"]) for s in states}) > 1:
+            if any(p.grad is None for p in chunk.params) or len({float(s.get("step", 0.0)) for s in states}) > 1:
                 for p in chunk.params:
                     if p.grad is not None:
                         self._update(p, group)
                 continue
+            for s in states:
+                s.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
             chunk.link(states)
             param = chunk.gather([p.detach() for p in chunk.params])
             grad = chunk.gather([p.grad for p in chunk.params])
@@ -132,8 +133,8 @@ class SliceAdamW(torch.optim.Optimizer):
     def _update(self, p: torch.Tensor, group: dict) -> None:
         lr, (beta1, beta2), eps, wd, kind = (group[k] for k in _HPARAMS)
         state = self.state[p]
-        if set(state) <= {"step"}:  # new, or only a step counter from an unfinished flat step
-            self._init_state(state, p, kind, state.get("step"))
+        if not state:
+            self._init_state(state, p, kind)
 
         param = p.float()  # fp32 params: p itself (in place); bf16/fp16: an fp32 copy written back below
         grad = p.grad.float()
@@ -160,9 +161,9 @@ class SliceAdamW(torch.optim.Optimizer):
             state["exp_avg_sq_code"], state["exp_avg_sq_scale"] = quantize_blockwise(sqrt_v, signed=False)
 
     @staticmethod
-    def _init_state(state: dict, p: torch.Tensor, kind: str, step=None) -> None:
+    def _init_state(state: dict, p: torch.Tensor, kind: str) -> None:
         # fp32 step counter on CPU, exactly as torch's non-capturable Adam keeps it
-        state["step"] = step if step is not None else torch.tensor(0.0, dtype=torch.float32)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if kind == "int8":
             n, nb = p.numel(), -(-p.numel() // BLOCK)
             state["exp_avg_code"] = torch.zeros(n, dtype=torch.int8, device=p.device)  # (numel,)

@@ -132,14 +132,20 @@ def test_recipe_rejects_unknown_task_before_loading_a_model(setup, tmp_path):
         llama_commonsense.main(["--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
 
 
+def _skip_without_4bit():
+    """test_quantization's bitsandbytes probe, imported here only (at module level it would skip this whole
+    module on a machine without bitsandbytes)."""
+    from test_quantization import CPU
+    if CPU["4bit"]:
+        pytest.skip(CPU["4bit"])
+
+
 @pytest.mark.skipif(not HAVE_TRAINER, reason=WHY)
 @pytest.mark.parametrize("method, trained", [("sparse", 2 * (6 * 2 * 32 + 2 * 64)), ("lora", LORA_R2)])
 def test_recipe_on_a_4bit_base(setup, tmp_path, method, trained):
     """--load_in_4bit: the base loads as NF4 (bitsandbytes CPU backend here), sparse trains its slices over it and
     LoRA becomes QLoRA; both train exactly their adapter and evaluate before and after."""
-    from test_quantization import CPU
-    if CPU["4bit"]:
-        pytest.skip(CPU["4bit"])
+    _skip_without_4bit()
     out = tmp_path / method
     res = _run(setup, out, "--method", method, "--load_in_4bit", "true", "--neurons_per_layer", "2",
                "--lora_r", "2", "--lora_alpha", "4", "--dtype", "float32")
@@ -159,9 +165,7 @@ def test_recipe_rejects_full_ft_of_a_quantized_base(setup, tmp_path):
 
 @pytest.mark.skipif(not HAVE_TRAINER, reason=WHY)
 def test_recipe_quantize_base_with_exact_rows(setup, tmp_path):
-    from test_quantization import CPU
-    if CPU["4bit"]:
-        pytest.skip(CPU["4bit"])
+    _skip_without_4bit()
     res = _run(setup, tmp_path / "qb", "--method", "sparse", "--neurons_per_layer", "2", "--dtype", "float32",
                "--quantize_base", "nf4", "--init_from_quantization_error", "true", "--no_eval_before")
     assert res["training"]["trainable_params"] == 2 * (6 * 2 * 32 + 2 * 64) and res["training"]["steps"] == 2

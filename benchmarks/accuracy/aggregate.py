@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: the repo root on sys.path for 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.accuracy.grid import FAMILIES  # noqa: E402
+from benchmarks.report import write_json  # noqa: E402
 
 PHASES = ("test", "tune")
 COLOURS = {"full": "#4c4c4c", "lora": "#1f77b4", "dora": "#9467bd", "sparse_rows": "#d62728",
@@ -187,9 +188,7 @@ def write_all(out: str | Path) -> dict[str, Optional[Path]]:
     tuned_path = out / "tuned_lr.json"
     tuned = json.loads(tuned_path.read_text()) if tuned_path.is_file() else None
     paths = {"json": out / "accuracy.json", "csv": out / "accuracy.csv", "md": out / "accuracy.md"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**table, "tuned_lr": tuned}, indent=2))
-    tmp.replace(paths["json"])
+    write_json({**table, "tuned_lr": tuned}, str(paths["json"]))
     write_csv(table, paths["csv"])
     paths["md"].write_text(markdown(table, tuned))
     paths["png"] = plot(table, out / "accuracy.png")
