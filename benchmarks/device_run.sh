@@ -10,17 +10,21 @@
 #   2. carry [".whl-bnb"]                bash benchmarks/device_run.sh stage-bnb                     (seconds)
 #   3. carry [".m/b", ".whl", ".data"]   bash benchmarks/device_run.sh install quant-tests speed recon-smollm2
 #   4. no carry                          bash benchmarks/device_run.sh accuracy                      (~9.5 min)
-#   5. no carry (if 4 ran out of time)   bash benchmarks/device_run.sh accuracy                      (resumes)
+#   5. no carry (if 4 ran out of time)   bash benchmarks/device_run.sh accuracy                      (resumes;
+#      ACC_BUDGET / ACC_DEADLINE (s) shorten it to the device time left)
 #   later, no carry:                     bash benchmarks/device_run.sh recon-7b requant
-# Results go to $OUT (the device's result folder; outputs/device elsewhere): commit them under
+# Results come back as $OUT/results.tgz (outputs/device/ elsewhere): unpack, then commit them under
 # benchmarks/results/ (h100/, quantization_h100/, accuracy/) with the README tables regenerated from them.
 set -uo pipefail
 GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL=/tmp/sc/SmolLM2-135M-Instruct  # safetensors folder converted from the GGUF (stage install)
 ACC=/tmp/accuracy                    # kept on the machine between calls so that stage accuracy resumes
 Q=benchmarks/quantization
-OUT=${OUT:-outputs/device}
-mkdir -p "$OUT"
+# The device returns at most 8 files from $OUT, two folders down: each call packs its results into one archive.
+FINAL=${OUT:-outputs/device}
+OUT=$(mktemp -d /tmp/out.XXXX)
+mkdir -p "$FINAL"
+trap 'tar czf "$FINAL/results.tgz" -C "$OUT" . && ls -la "$FINAL"' EXIT
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 for stage in "$@"; do
   echo "== $stage"
@@ -48,7 +52,7 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
       python $Q/merge_requantize.py --shapes llama2-7b --out "$OUT/requant_llama2_7b.json" 2>&1 | tail -14 ;;
     accuracy)  # issue 8: tune then test, resumable; everything finished so far is copied back each call
       python benchmarks/accuracy/sweep.py --phase all --out "$ACC" --model_name_or_path "$MODEL" \
-        --data_dir /tmp/data/commonsense --dtype float32 --parallel 12 --time_budget_s 500 --deadline_s 545 \
+        --data_dir /tmp/data/commonsense --dtype float32 --parallel 12 --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" \
         2>&1 | tail -40
       mkdir -p "$OUT/accuracy" && cp -r "$ACC"/. "$OUT/accuracy/" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
