@@ -9,7 +9,8 @@
 #   1. carry [".m/a"]                    bash benchmarks/device_run.sh stage-a bench                 (~7 min)
 #   2. carry [".whl-bnb"]                bash benchmarks/device_run.sh stage-bnb                     (seconds)
 #   3. carry [".m/b", ".whl", ".data"]   bash benchmarks/device_run.sh install quant-tests speed recon-smollm2
-#   4. no carry                          bash benchmarks/device_run.sh accuracy                      (~9.5 min)
+#   4. no carry                          bash benchmarks/device_run.sh accuracy                      (~9.5 min;
+#      7 runs at once: 12 float32 SmolLM2 runs (up to 9.2 GiB each) ran out of the H100's 80 GiB)
 #   5. no carry (if 4 ran out of time)   bash benchmarks/device_run.sh accuracy                      (resumes;
 #      ACC_BUDGET / ACC_DEADLINE (s) shorten it to the device time left)
 #   later, no carry:                     bash benchmarks/device_run.sh recon-7b requant
@@ -36,7 +37,7 @@ for stage in "$@"; do
         --budget-s 400 2>&1 | tail -45 ;;
     install)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl /tmp/w/*.whl || exit 1
+        .whl/*.whl $(ls /tmp/w/*.whl 2>/dev/null) || exit 1  # /tmp/w: bitsandbytes, only after stage-bnb
       cat /tmp/m/part00 .m/b/part01 > "$GGUF" || exit 1
       mkdir -p /tmp/sc/gguf /tmp/data && cp "$GGUF" /tmp/sc/gguf/ && cp -r .data/commonsense /tmp/data/
       SPRUNE_TRAINER_CACHE=/tmp/sc python -c "import sys; sys.path.insert(0, 'recipes')
@@ -51,8 +52,11 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
       python $Q/merge_requantize.py --gguf "$GGUF" --layers all --model_level --out "$OUT/requant_smollm2.json" 2>&1 | tail -9
       python $Q/merge_requantize.py --shapes llama2-7b --out "$OUT/requant_llama2_7b.json" 2>&1 | tail -14 ;;
     accuracy)  # issue 8: tune then test, resumable; everything finished so far is copied back each call
+      # runs committed by earlier sessions are not run again (a run with a results.json is skipped)
+      [ -d "$ACC" ] || { mkdir -p "$ACC" && cp -r benchmarks/results/accuracy/. "$ACC"/ 2>/dev/null; }
+      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
       python benchmarks/accuracy/sweep.py --phase all --out "$ACC" --model_name_or_path "$MODEL" \
-        --data_dir /tmp/data/commonsense --dtype float32 --parallel 12 --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" \
+        --data_dir /tmp/data/commonsense --dtype float32 --parallel 7 --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" \
         2>&1 | tail -40
       mkdir -p "$OUT/accuracy" && cp -r "$ACC"/. "$OUT/accuracy/" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

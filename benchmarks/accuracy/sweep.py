@@ -160,6 +160,11 @@ def model_shape(args, log) -> grid.LlamaShape:
     return grid.SMOLLM2_135M
 
 
+def _incomplete(st) -> bool:
+    """A tune phase with runs that failed, were killed or never launched: its learning rates are not final."""
+    return st is not None and bool(st.failed or st.killed or st.not_launched)
+
+
 def _print_dry(phase: str, jobs: list[Job]) -> None:
     print(f"# phase {phase}: {len(jobs)} runs")
     for j in jobs:
@@ -200,6 +205,9 @@ def main(argv=None, t0: Optional[float] = None) -> dict:
                 log("tuned lr: " + ", ".join(f"{f} {t['lr']:g}" + ("" if t["val_average"] is None else
                                                                   f" ({100 * t['val_average']:.1f}%)")
                                              for f, t in tuned["families"].items()))
+            if args.phase == "all" and not args.smoke and _incomplete(stats.get("tune")):
+                log("tune phase incomplete: test phase not started (the same command resumes the tuning)")
+                return {"counts": counts, "stats": stats, "out": out}
         if args.phase in ("test", "all"):
             tuned_path = out / "tuned_lr.json"
             if tuned_path.is_file():
