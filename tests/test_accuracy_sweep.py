@@ -3,6 +3,7 @@ launcher (budget, deadline, resume), the learning-rate choice and the aggregate;
 runs recipes/llama_commonsense.py as subprocesses on a tiny Llama + tiny LLM-Adapters folder, and the numbers
 it writes are checked against the runs' own results.json and against grid.py's predictions."""
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -132,18 +133,22 @@ def test_launcher_budget_deadline_and_resume(tmp_path):
     assert len(re.findall(r"\] done j\d", text)) == 3 and "KILLED slow" in text and "FAILED bad" in text
 
 
-def _synthetic_run(out, phase, config, family, seed, lr, accs, params=1000):
+def _synthetic_run(out, phase, config, family, seed, lr, accs, params=1000, choice=None, no_answer=0):
     name = f"{phase}-{config}-lr{grid.lr_tag(lr)}-s{seed}"
     d = out / "runs" / name
     d.mkdir(parents=True)
     meta = {"name": name, "phase": phase, "config": config, "family": family, "seed": seed, "learning_rate": lr,
             "expected_trainable_params": params}
     (d / "run.json").write_text(json.dumps(meta))
-    res = {"after": {"tasks": {t: {"accuracy": a, "n": 10} for t, a in accs.items()},
+    res = {"after": {"tasks": {t: {"accuracy": a, "n": 10, "no_answer": no_answer} for t, a in accs.items()},
                      "average": sum(accs.values()) / len(accs)},
            "training": {"trainable_params": params, "peak_memory": {"bytes": 3 * 2**20},
                         "tokens_per_second": 10.0 * seed, "train_runtime_s": 2.0},
            "total_time_s": 5.0}
+    if choice is not None:  # label-ranking accuracy; runs evaluated before it existed have none
+        for t, a in choice.items():
+            res["after"]["tasks"][t]["choice_accuracy"] = a
+        res["after"]["choice_average"] = sum(choice.values()) / len(choice)
     (d / "results.json").write_text(json.dumps(res))
     return res
 
@@ -151,7 +156,8 @@ def _synthetic_run(out, phase, config, family, seed, lr, accs, params=1000):
 def test_aggregate_alone_on_synthetic_results(tmp_path):
     accs = {1: {"boolq": 0.5, "piqa": 0.7}, 2: {"boolq": 0.6, "piqa": 0.9}, 3: {"boolq": 0.8, "piqa": 0.8}}
     for seed, a in accs.items():
-        _synthetic_run(tmp_path, "test", "lora_r16", "lora", seed, 5e-4, a)
+        _synthetic_run(tmp_path, "test", "lora_r16", "lora", seed, 5e-4, a, choice={t: v - 0.1 for t, v in a.items()},
+                       no_answer=seed)
     _synthetic_run(tmp_path, "test", "sparse_l2_per_layer_rows", "sparse_rows", 1, 1e-3, {"boolq": 0.4, "piqa": 0.6})
     _synthetic_run(tmp_path, "tune", "full", "full", 1, 2e-5, {"val_boolq": 0.3})
     (tmp_path / "runs" / "unfinished").mkdir()  # a run without results.json is ignored
@@ -171,11 +177,19 @@ def test_aggregate_alone_on_synthetic_results(tmp_path):
     assert lora["average"]["std"] == pytest.approx(statistics.stdev(avgs))
     assert lora["tokens_per_second"] == pytest.approx(20.0) and lora["peak_memory_mib"] == pytest.approx(3.0)
     assert sparse["n_seeds"] == 1 and sparse["average"] == {"mean": pytest.approx(0.5), "std": 0.0}
+    assert lora["choice_average"]["mean"] == pytest.approx(statistics.mean(avgs) - 0.1)
+    assert lora["choice_average"]["std"] == pytest.approx(statistics.stdev(avgs))
+    assert lora["choice_tasks"]["piqa"]["mean"] == pytest.approx(0.7)
+    assert lora["no_answer_rate"] == pytest.approx(statistics.mean([2 * s / 20 for s in (1, 2, 3)]))
+    assert math.isnan(sparse["choice_average"]["mean"]) and sparse["no_answer_rate"] == 0
     assert table["tune"][0]["tasks"] == {"val_boolq": {"mean": 0.3, "std": 0.0}}
     csv_lines = (tmp_path / "accuracy.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("phase,family,config,learning_rate,n_seeds,average_mean")
     md = (tmp_path / "accuracy.md").read_text()
-    assert "| lora | lora_r16 | 0.0005 | 3 | 71.7 ± 10.4 | 63.3 ± 15.3 | 80.0 ± 10.0 |" in md  # averages .6/.75/.8
+    # averages .6/.75/.8; ranked 0.1 lower; no answer 2/4/6 of 20
+    assert "| lora | lora_r16 | 0.0005 | 3 | 71.7 ± 10.4 | 61.7 ± 10.4 | 63.3 ± 15.3 | 80.0 ± 10.0 | 20.0 |" in md
+    assert "| sparse_rows | sparse_l2_per_layer_rows | 0.001 | 1 | 50.0 ± 0.0 |  | 40.0 ± 0.0 |" in md
+    assert "| lora_r16 | 0.0005 | 3 | 61.7 ± 10.4 | 53.3 ± 15.3 | 70.0 ± 10.0 |" in md  # the ranking table
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -184,11 +198,12 @@ def test_best_lr_is_the_highest_validation_average_and_ties_go_to_the_smaller_lr
         return {"meta": {"phase": "tune", "family": family, "config": grid.TUNE_CONFIGS[family], "learning_rate": lr},
                 "results": {"after": {"average": avg}}}
     runs = [rec("lora", 2e-4, 0.5), rec("lora", 5e-4, 0.6), rec("lora", 1e-3, 0.6),
-            rec("sparse_rows", 3e-4, 0.2), rec("sparse_rows", 1e-3, 0.1)]
+            rec("sparse_rows", 3e-4, 0.2), rec("sparse_rows", 1e-3, 0.1),
+            rec("dora", 5e-4, 0.3525), rec("dora", 1e-3, 0.35250000000000004)]  # a tie up to float rounding
     fams = tuning.best_lrs(runs)["families"]
     assert fams["lora"]["lr"] == 5e-4 and fams["lora"]["val_average"] == 0.6
     assert fams["lora"]["grid"] == {"2e-4": 0.5, "5e-4": 0.6, "1e-3": 0.6}
-    assert fams["sparse_rows"]["lr"] == 3e-4
+    assert fams["sparse_rows"]["lr"] == 3e-4 and fams["dora"]["lr"] == 5e-4
     assert fams["full"]["lr"] == 5e-5 and fams["full"]["source"].startswith("default")
 
 

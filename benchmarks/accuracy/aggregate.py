@@ -5,7 +5,9 @@
 
 Per config (phase, config, learning rate): mean and std over seeds of each task's accuracy and of the average
 (the recipe's results.json: after.tasks.<task>.accuracy and after.average, fractions in [0, 1]; std is the
-sample std, ddof 1, and 0 for a single seed), the number of seeds, trainable parameters, peak memory (MiB),
+sample std, ddof 1, and 0 for a single seed), the same for the label-ranking accuracy (choice_accuracy,
+choice_average; absent from runs evaluated before it existed), the share of generated answers in no valid
+format (no_answer_rate), the number of seeds, trainable parameters, peak memory (MiB),
 training tokens/s and train runtime (means over seeds). Accuracies are fractions in the JSON / CSV and
 percent in the Markdown table and the plot."""
 from __future__ import annotations
@@ -73,6 +75,11 @@ def summarize(runs: list[dict]) -> dict[str, list[dict]]:
             "runs": [r["meta"]["name"] for r in members],
             "average": mean_std([a["average"] for a in afters]),
             "tasks": {t: mean_std([a["tasks"][t]["accuracy"] for a in afters if t in a["tasks"]]) for t in tasks},
+            "choice_average": mean_std([a["choice_average"] for a in afters if "choice_average" in a]),
+            "choice_tasks": {t: mean_std([a["tasks"][t]["choice_accuracy"] for a in afters
+                                          if "choice_accuracy" in a["tasks"].get(t, {})]) for t in tasks},
+            "no_answer_rate": _mean([sum(x.get("no_answer", 0) for x in a["tasks"].values())
+                                     / max(1, sum(x["n"] for x in a["tasks"].values())) for a in afters]),
             "eval_examples": {t: afters[0]["tasks"][t]["n"] for t in tasks if t in afters[0]["tasks"]},
             "trainable_params": (params[0] if len(set(params)) == 1 else _mean(params)),
             "expected_trainable_params": members[0]["meta"].get("expected_trainable_params"),
@@ -96,12 +103,22 @@ def _fmt(x, spec: str) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _nan_blank(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def _pm(s: dict) -> str:
+    """mean ± std in percent; blank when there is no value."""
+    return "" if _nan_blank(s["mean"]) is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+
+
 def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
     rows = [r for p in PHASES for r in table.get(p, [])]
     tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
     head = (["phase", "family", "config", "learning_rate", "n_seeds", "average_mean", "average_std"]
             + [f"{t}_{s}" for t in tasks for s in ("mean", "std")]
-            + ["trainable_params", "peak_memory_mib", "tokens_per_second", "train_runtime_s"])
+            + ["choice_average_mean", "choice_average_std"] + [f"{t}_choice_{s}" for t in tasks for s in ("mean", "std")]
+            + ["no_answer_rate", "trainable_params", "peak_memory_mib", "tokens_per_second", "train_runtime_s"])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
@@ -110,7 +127,11 @@ def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
                      r["average"]["std"]]
             for t in tasks:
                 cells += [r["tasks"][t]["mean"], r["tasks"][t]["std"]] if t in r["tasks"] else ["", ""]
-            cells += [r["trainable_params"], r["peak_memory_mib"], r["tokens_per_second"], r["train_runtime_s"]]
+            cells += [_nan_blank(r["choice_average"]["mean"]), _nan_blank(r["choice_average"]["std"])]
+            for t in tasks:
+                c = r["choice_tasks"].get(t) or {"mean": None, "std": None}
+                cells += [_nan_blank(c["mean"]), _nan_blank(c["std"])]
+            cells += [r["no_answer_rate"], r["trainable_params"], r["peak_memory_mib"], r["tokens_per_second"], r["train_runtime_s"]]
             w.writerow(["" if c is None else c for c in cells])
     return path
 
@@ -118,23 +139,35 @@ def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
 def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None) -> str:
     titles = {"test": "Test sets (accuracy %, mean ± std over seeds)",
               "tune": "Validation sets, learning-rate tuning (accuracy %, one seed)"}
-    parts = []
+    parts = ["Columns: `average` and the task columns are generation accuracy (LLM-Adapters' protocol); `ranked` is "
+             "the average accuracy of ranking each item's answer labels by likelihood (no format can be missed); "
+             "`no answer` is the share of generations holding no valid answer word."]
     for phase in PHASES:
         rows = table.get(phase) or []
         if not rows:
             continue
         tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
-        head = (["family", "config", "lr", "seeds", "average"] + tasks
-                + ["trainable params", "peak MiB", "tokens/s", "train s"])
+        head = (["family", "config", "lr", "seeds", "average", "ranked"] + tasks
+                + ["no answer", "trainable params", "peak MiB", "tokens/s", "train s"])
         lines = [f"### {titles[phase]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        pm = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
         for r in rows:
-            cells = [r["family"], r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"]), pm(r["average"])]
-            cells += [pm(r["tasks"][t]) if t in r["tasks"] else "" for t in tasks]
-            cells += [_fmt(r["trainable_params"], ",.0f"), _fmt(r["peak_memory_mib"], ",.0f"),
+            cells = [r["family"], r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"]), _pm(r["average"]),
+                     _pm(r["choice_average"])]
+            cells += [_pm(r["tasks"][t]) if t in r["tasks"] else "" for t in tasks]
+            cells += [_fmt(None if r["no_answer_rate"] is None else 100 * r["no_answer_rate"], ".1f"),
+                      _fmt(r["trainable_params"], ",.0f"), _fmt(r["peak_memory_mib"], ",.0f"),
                       _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["train_runtime_s"], ".1f")]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
+        ranked = [r for r in rows if _nan_blank(r["choice_average"]["mean"]) is not None]
+        if ranked:
+            lines = [f"### {titles[phase].split(' (')[0]}, ranking the answer labels (accuracy %)", "",
+                     "| config | lr | seeds | ranked | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 4)]
+            for r in ranked:
+                cells = [r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"]), _pm(r["choice_average"])]
+                cells += [_pm(r["choice_tasks"][t]) if t in r["choice_tasks"] else "" for t in tasks]
+                lines.append("| " + " | ".join(cells) + " |")
+            parts.append("\n".join(lines))
     if tuned:
         lines = ["### Tuned learning rates (highest validation average; ties -> smaller lr)", "",
                  "| family | lr | validation average | source |", "|---|---|---|---|"]
@@ -144,7 +177,7 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None) -> str:
         parts.append("\n".join(lines))
     note = ("Peak memory, tokens/s and runtimes were measured with several runs sharing one GPU (see sweep_log.txt): "
             "compare them between configs of this table, not with single-run benchmarks.")
-    return "\n\n".join(parts + [note]) + "\n" if parts else "(no finished runs)\n"
+    return "\n\n".join(parts + [note]) + "\n" if len(parts) > 1 else "(no finished runs)\n"
 
 
 def plot(table: dict[str, list[dict]], path: Path) -> Optional[Path]:
@@ -164,10 +197,19 @@ def plot(table: dict[str, list[dict]], path: Path) -> Optional[Path]:
         x = range(len(rows))
         means = [100 * r["average"]["mean"] for r in rows]
         stds = [100 * r["average"]["std"] for r in rows]
-        bars = ax.bar(x, means, yerr=stds, capsize=3, color=[COLOURS.get(r["family"], "#999999") for r in rows])
+        colours = [COLOURS.get(r["family"], "#999999") for r in rows]
+        ranked = [_nan_blank(r["choice_average"]["mean"]) is not None for r in rows]
+        w = 0.4 if any(ranked) else 0.8
+        bars = ax.bar([i - w / 2 if any(ranked) else i for i in x], means, w, yerr=stds, capsize=3, color=colours)
         ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
+        if any(ranked):  # hatched: ranking the answer labels
+            rm = [100 * r["choice_average"]["mean"] if k else 0.0 for r, k in zip(rows, ranked)]
+            rs = [100 * r["choice_average"]["std"] if k else 0.0 for r, k in zip(rows, ranked)]
+            rb = ax.bar([i + w / 2 for i in x], rm, w, yerr=rs, capsize=3, color=colours, hatch="//", alpha=0.6)
+            ax.bar_label(rb, fmt="%.1f", fontsize=6, padding=2)
+            means, stds = means + [m for m, k in zip(rm, ranked) if k], stds + [s for s, k in zip(rs, ranked) if k]
         ax.set_xticks(list(x), [_label(r) for r in rows], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("average accuracy (%)")
+        ax.set_ylabel("average accuracy (%)" + ("; hatched: ranked labels" if any(ranked) else ""))
         lo = min(m - s for m, s in zip(means, stds))
         ax.set_ylim(max(0.0, lo - 5), min(100.0, max(m + s for m, s in zip(means, stds)) + 5))
         n = sorted({r["n_seeds"] for r in rows})

@@ -26,7 +26,8 @@ def best_lrs(runs: Iterable[dict], smoke: bool = False) -> dict:
         got = scores[fam]
         grid = {lr_tag(lr): got.get(lr) for lr in lr_grid(fam, smoke)}
         if got:
-            lr = min(got, key=lambda x: (-got[x], x))
+            # rounded: averages of the same counts differ in the last bit (0.3525 vs 0.35250000000000004)
+            lr = min(got, key=lambda x: (-round(got[x], 9), x))
             families[fam] = {"lr": lr, "val_average": got[lr], "grid": grid, "config": TUNE_CONFIGS[fam],
                              "source": f"tuned on {len(got)} of {len(grid)} lrs"}
         else:

@@ -1,4 +1,5 @@
-"""Evaluation as in LLM-Adapters: greedy generation from the prompt, answer word extraction, accuracy.
+"""Evaluation as in LLM-Adapters: greedy generation from the prompt, answer word extraction, accuracy; plus
+the accuracy of ranking each item's answer labels (choice.py), which a wrong answer format cannot hide.
 
 Batched generation with left padding; prompts are sorted by length so a batch holds similar lengths
 (less padding), results are put back in dataset order.
@@ -14,7 +15,8 @@ from datasets import Dataset
 
 from .progress import bar
 from .prompting import generate_prompt
-from .tasks import extract_answer, n_choices
+from .choice import rank_labels
+from .tasks import choice_labels, extract_answer
 
 ACCURACY_SCRIPT = Path(__file__).with_name("evaluate_metrics") / "accuracy.py"
 
@@ -57,45 +59,70 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int = 16, max_new
     return out  # type: ignore[return-value]
 
 
-def generate_sharded(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, desc: str,
-                     rank: int = 0, world: int = 1) -> list[str]:
-    """`generate` over this rank's contiguous share of the prompts, gathered on every rank (DDP / ZeRO-1/2:
-    each process holds the whole model)."""
+def map_sharded(fn, items: list, rank: int = 0, world: int = 1) -> list:
+    """fn(items) over this rank's contiguous share of `items`, gathered on every rank (DDP / ZeRO-1/2: each
+    process holds the whole model)."""
     if world <= 1:
-        return generate(model, tokenizer, prompts, batch_size, max_new_tokens, desc=desc)
+        return fn(items)
     from accelerate.utils import gather_object
 
-    per = math.ceil(len(prompts) / world)
-    idx = list(range(rank * per, min(len(prompts), (rank + 1) * per)))
-    local = generate(model, tokenizer, [prompts[i] for i in idx], batch_size, max_new_tokens, desc=desc)
-    out = [""] * len(prompts)
-    for i, text in gather_object(list(zip(idx, local))):
-        out[i] = text
+    per = math.ceil(len(items) / world)
+    idx = list(range(rank * per, min(len(items), (rank + 1) * per)))
+    local = fn([items[i] for i in idx])
+    out = [None] * len(items)
+    for i, value in gather_object(list(zip(idx, local))):
+        out[i] = value
     return out
+
+
+def generate_sharded(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, desc: str,
+                     rank: int = 0, world: int = 1) -> list[str]:
+    """`generate` over the ranks (see map_sharded)."""
+    return map_sharded(lambda ps: generate(model, tokenizer, ps, batch_size, max_new_tokens, desc=desc), prompts,
+                       rank, world)
+
+
+def rank_sharded(model, tokenizer, prompts: list[str], labels: list[list[str]], batch_size: int, desc: str,
+                 rank: int = 0, world: int = 1) -> list[str]:
+    """`rank_labels` over the ranks (see map_sharded)."""
+    items = list(zip(prompts, labels))
+    return map_sharded(lambda its: rank_labels(model, tokenizer, [p for p, _ in its], [lab for _, lab in its],
+                                               batch_size, desc=desc), items, rank, world)
 
 
 def evaluate_task(model, tokenizer, task: str, ds: Dataset, metric, batch_size: int = 16,
                   max_new_tokens: int = 10, desc: Optional[str] = None, rank: int = 0, world: int = 1) -> dict:
-    """Accuracy of `model` on one task's records; also returns every prediction for the results JSON."""
+    """Accuracy of `model` on one task's records: `accuracy` from greedy generation (LLM-Adapters' protocol) and
+    `choice_accuracy` from ranking the item's answer labels (choice.py); every prediction goes to `samples`."""
     prompts = [generate_prompt(r["instruction"], r["input"]) for r in ds]
-    outputs = generate_sharded(model, tokenizer, prompts, batch_size, max_new_tokens, desc or task, rank, world)
+    desc = desc or task
+    outputs = generate_sharded(model, tokenizer, prompts, batch_size, max_new_tokens, desc, rank, world)
     preds = [extract_answer(task, o, r["instruction"]) for o, r in zip(outputs, ds)]
+    labels = [choice_labels(task, r["instruction"]) for r in ds]
+    choices = rank_sharded(model, tokenizer, prompts, labels, batch_size, f"{desc} (ranking)", rank, world)
     refs = list(ds["answer"])
     acc = metric.compute(predictions=preds, references=refs)["accuracy"]
-    chance = sum(1.0 / n_choices(task, r["instruction"]) for r in ds) / max(len(ds), 1)
-    return {"accuracy": float(acc), "n": len(refs), "no_answer": sum(p == "" for p in preds), "chance": chance,
-            "samples": [{"output": o, "pred": p, "answer": a} for o, p, a in zip(outputs, preds, refs)]}
+    choice_acc = metric.compute(predictions=choices, references=refs)["accuracy"]
+    chance = sum(1.0 / len(lab) for lab in labels) / max(len(ds), 1)
+    return {"accuracy": float(acc), "choice_accuracy": float(choice_acc), "n": len(refs),
+            "no_answer": sum(p == "" for p in preds), "chance": chance,
+            "samples": [{"output": o, "pred": p, "choice": c, "answer": a}
+                        for o, p, c, a in zip(outputs, preds, choices, refs)]}
 
 
 def evaluate_all(model, tokenizer, eval_sets: dict[str, Dataset], metric=None, batch_size: int = 16,
                  max_new_tokens: int = 10, label: str = "eval", rank: int = 0, world: int = 1) -> dict:
-    """{task: result} plus "average" (unweighted mean over tasks, as in the papers' tables)."""
+    """{task: result} plus "average" and "choice_average" (unweighted means over tasks, as in the papers'
+    tables) and "chance_average"."""
     metric = metric or load_accuracy()
     results = {}
     for task in bar(list(eval_sets), desc=f"{label}: tasks"):
         results[task] = evaluate_task(model, tokenizer, task, eval_sets[task], metric, batch_size,
                                       max_new_tokens, desc=f"{label}: {task}", rank=rank, world=world)
-    accs = [r["accuracy"] for r in results.values()]
-    chance = [r["chance"] for r in results.values()]
-    return {"tasks": results, "average": sum(accs) / len(accs) if accs else float("nan"),
-            "chance_average": sum(chance) / len(chance) if chance else float("nan")}
+
+    def mean(key: str) -> float:
+        vals = [r[key] for r in results.values()]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    return {"tasks": results, "average": mean("accuracy"), "choice_average": mean("choice_accuracy"),
+            "chance_average": mean("chance")}

@@ -9,14 +9,17 @@ from typing import Optional
 
 def format_table(before: Optional[dict], after: Optional[dict]) -> str:
     """Markdown table: task | n | chance | before | after | delta (accuracy in %), average last. `chance` is the
-    accuracy of a uniform random pick among each item's options (shown when the results carry it)."""
+    accuracy of a uniform random pick among each item's options (shown when the results carry it); `ranked`
+    columns: the accuracy of ranking each item's answer labels (evaluation.py), when the results carry it."""
     runs = [r for r in (before, after) if r]
     if not runs:
         return "(no evaluation)"
     tasks = list(runs[0]["tasks"])
     has_chance = all("chance" in r for r in runs[0]["tasks"].values()) and "chance_average" in runs[0]
+    has_ranked = all("choice_average" in r for r in runs)
     head = ["task", "n"] + (["chance"] if has_chance else []) + (["before"] if before else []) + (["after"] if after else []) + (
-        ["delta"] if before and after else [])
+        ["delta"] if before and after else []) + ([f"ranked {w}" for w, r in (("before", before), ("after", after)) if r]
+                                                 if has_ranked else [])
     rows = []
     for t in tasks + ["average"]:
         n = sum(runs[0]["tasks"][x]["n"] for x in tasks) if t == "average" else runs[0]["tasks"][t]["n"]
@@ -28,6 +31,9 @@ def format_table(before: Optional[dict], after: Optional[dict]) -> str:
         cells += [f"{100 * a:.1f}" for a in accs]
         if before and after:
             cells.append(f"{100 * (accs[1] - accs[0]):+.1f}")
+        if has_ranked:
+            cells += [f"{100 * (r['choice_average'] if t == 'average' else r['tasks'][t]['choice_accuracy']):.1f}"
+                      for r in runs]
         rows.append(cells)
     widths = [max(len(c) for c in col) for col in zip(head, *rows)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

@@ -106,12 +106,17 @@ def answer_words(task: str, instruction: Optional[str] = None) -> tuple[str, ...
                      "instruction has no 'Answer format: a/b/...' line.")
 
 
-def n_choices(task: str, instruction: str) -> int:
-    """Number of answer options of one item: its "Answer format: a/b/c" line, else the task's answer words."""
+def choice_labels(task: str, instruction: str) -> list[str]:
+    """The answer options of one item: its "Answer format: a/b/c" line, else the task's answer words."""
     m = _FORMAT_LINE.search(instruction)
     if m:
-        return len([w for w in m.group(1).split("/") if w.strip()])
-    return len(answer_words(task, instruction))
+        return [w.strip() for w in m.group(1).split("/") if w.strip()]
+    return list(answer_words(task, instruction))
+
+
+def n_choices(task: str, instruction: str) -> int:
+    """Number of answer options of one item."""
+    return len(choice_labels(task, instruction))
 
 
 def extract_answer(task: str, text: str, instruction: Optional[str] = None) -> str:
