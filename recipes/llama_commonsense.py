@@ -132,6 +132,9 @@ class DataArguments:
                                                               "is answer3' is 7)."})
     eval_before: bool = field(default=True, metadata={"help": "Evaluate the model before fine-tuning."})
     eval_after: bool = field(default=True, metadata={"help": "Evaluate the model after fine-tuning."})
+    eval_ranking: bool = field(default=True, metadata={
+        "help": "Also rank each item's answer labels by likelihood (choice_accuracy): an accuracy no answer-format "
+                "miss can hide. Costs one forward pass per label."})
 
 
 def _sparse_arguments_class():
@@ -269,7 +272,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
         model.to(train_args.device)
     metric = load_accuracy()
     eval_kw = dict(metric=metric, batch_size=data_args.eval_batch_size, max_new_tokens=data_args.max_new_tokens,
-                   rank=train_args.process_index, world=train_args.world_size)
+                   ranking=data_args.eval_ranking, rank=train_args.process_index, world=train_args.world_size)
     can_eval = not zero3
     if zero3:
         print("[eval] skipped under DeepSpeed ZeRO-3 (partitioned weights); evaluate the saved adapter on one GPU "

@@ -81,3 +81,12 @@ def test_recipe_table_shows_the_ranked_accuracy():
     lines = format_table(None, res).splitlines()
     assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["task", "n", "chance", "after", "ranked after"]
     assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["average", "4", "50.0", "0.0", "75.0"]
+
+
+def test_ranking_can_be_switched_off(model, tok):
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"instruction": PIQA, "input": "", "answer": "solution1"}])
+    res = evaluate_all(model, tok, {"piqa": ds}, batch_size=1, max_new_tokens=2, ranking=False)
+    assert "choice_average" not in res and "choice_accuracy" not in res["tasks"]["piqa"]
+    assert "choice" not in res["tasks"]["piqa"]["samples"][0] and res["tasks"]["piqa"]["n"] == 1

@@ -91,38 +91,45 @@ def rank_sharded(model, tokenizer, prompts: list[str], labels: list[list[str]], 
 
 
 def evaluate_task(model, tokenizer, task: str, ds: Dataset, metric, batch_size: int = 16,
-                  max_new_tokens: int = 10, desc: Optional[str] = None, rank: int = 0, world: int = 1) -> dict:
+                  max_new_tokens: int = 10, desc: Optional[str] = None, rank: int = 0, world: int = 1,
+                  ranking: bool = True) -> dict:
     """Accuracy of `model` on one task's records: `accuracy` from greedy generation (LLM-Adapters' protocol) and
-    `choice_accuracy` from ranking the item's answer labels (choice.py); every prediction goes to `samples`."""
+    `choice_accuracy` from ranking the item's answer labels (choice.py; `ranking`=False skips it); every
+    prediction goes to `samples`."""
     prompts = [generate_prompt(r["instruction"], r["input"]) for r in ds]
     desc = desc or task
     outputs = generate_sharded(model, tokenizer, prompts, batch_size, max_new_tokens, desc, rank, world)
     preds = [extract_answer(task, o, r["instruction"]) for o, r in zip(outputs, ds)]
     labels = [choice_labels(task, r["instruction"]) for r in ds]
-    choices = rank_sharded(model, tokenizer, prompts, labels, batch_size, f"{desc} (ranking)", rank, world)
     refs = list(ds["answer"])
-    acc = metric.compute(predictions=preds, references=refs)["accuracy"]
-    choice_acc = metric.compute(predictions=choices, references=refs)["accuracy"]
-    chance = sum(1.0 / len(lab) for lab in labels) / max(len(ds), 1)
-    return {"accuracy": float(acc), "choice_accuracy": float(choice_acc), "n": len(refs),
-            "no_answer": sum(p == "" for p in preds), "chance": chance,
-            "samples": [{"output": o, "pred": p, "choice": c, "answer": a}
-                        for o, p, c, a in zip(outputs, preds, choices, refs)]}
+    out = {"accuracy": float(metric.compute(predictions=preds, references=refs)["accuracy"]), "n": len(refs),
+           "no_answer": sum(p == "" for p in preds), "chance": sum(1.0 / len(lab) for lab in labels) / max(len(ds), 1),
+           "samples": [{"output": o, "pred": p, "answer": a} for o, p, a in zip(outputs, preds, refs)]}
+    if ranking:
+        choices = rank_sharded(model, tokenizer, prompts, labels, batch_size, f"{desc} (ranking)", rank, world)
+        out["choice_accuracy"] = float(metric.compute(predictions=choices, references=refs)["accuracy"])
+        for sample, c in zip(out["samples"], choices):
+            sample["choice"] = c
+    return out
 
 
 def evaluate_all(model, tokenizer, eval_sets: dict[str, Dataset], metric=None, batch_size: int = 16,
-                 max_new_tokens: int = 10, label: str = "eval", rank: int = 0, world: int = 1) -> dict:
-    """{task: result} plus "average" and "choice_average" (unweighted means over tasks, as in the papers'
-    tables) and "chance_average"."""
+                 max_new_tokens: int = 10, label: str = "eval", rank: int = 0, world: int = 1,
+                 ranking: bool = True) -> dict:
+    """{task: result} plus "average", "choice_average" (with `ranking`; unweighted means over tasks, as in the
+    papers' tables) and "chance_average"."""
     metric = metric or load_accuracy()
     results = {}
     for task in bar(list(eval_sets), desc=f"{label}: tasks"):
         results[task] = evaluate_task(model, tokenizer, task, eval_sets[task], metric, batch_size,
-                                      max_new_tokens, desc=f"{label}: {task}", rank=rank, world=world)
+                                      max_new_tokens, desc=f"{label}: {task}", rank=rank, world=world,
+                                      ranking=ranking)
 
     def mean(key: str) -> float:
         vals = [r[key] for r in results.values()]
         return sum(vals) / len(vals) if vals else float("nan")
 
-    return {"tasks": results, "average": mean("accuracy"), "choice_average": mean("choice_accuracy"),
-            "chance_average": mean("chance")}
+    out = {"tasks": results, "average": mean("accuracy"), "chance_average": mean("chance")}
+    if ranking:
+        out["choice_average"] = mean("choice_accuracy")
+    return out
