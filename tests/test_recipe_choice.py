@@ -90,3 +90,16 @@ def test_ranking_can_be_switched_off(model, tok):
     res = evaluate_all(model, tok, {"piqa": ds}, batch_size=1, max_new_tokens=2, ranking=False)
     assert "choice_average" not in res and "choice_accuracy" not in res["tasks"]["piqa"]
     assert "choice" not in res["tasks"]["piqa"]["samples"][0] and res["tasks"]["piqa"]["n"] == 1
+
+
+def test_labels_of_different_lengths_take_one_pass_each(model, tok):
+    from commonsense.choice import _requests
+
+    prompt = generate_prompt("pick one")
+    labels = [["x", "a much longer label"], ["answer1", "answer2"]]
+    reqs = _requests(tok, [prompt, prompt], labels)
+    assert [r[1] for r in reqs if r[0] == 0] == [[0], [1]]  # one request per label
+    assert [r[1] for r in reqs if r[0] == 1] == [[0, 1]]    # one shared request when only the last token differs
+    got = label_logprobs(model, tok, [prompt, prompt], labels, batch_size=2)
+    for labs, scores in zip(labels, got):
+        assert scores == pytest.approx([direct_logprob(model, tok, prompt, lab) for lab in labs], abs=1e-4)

@@ -15,6 +15,23 @@ from .progress import bar
 from .tasks import OUTPUT_PREFIX
 
 
+def _requests(tokenizer, prompts: list[str], labels: list[list[str]]) -> list[tuple]:
+    """(item, label indices, ids, n_common, last tokens): one forward pass scores several labels when their
+    continuations differ only in the last token ("... answer1" / "... answer2": the usual case), else one per label.
+    ids = context + the continuation without its last token; n_common = how many of those are continuation."""
+    reqs = []
+    for i, (prompt, labs) in enumerate(zip(prompts, labels)):
+        ctx = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        conts = [tokenizer(OUTPUT_PREFIX + lab, add_special_tokens=False)["input_ids"] for lab in labs]
+        heads = {tuple(c[:-1]) for c in conts}
+        if len(heads) == 1 and all(conts):
+            head = list(heads.pop())
+            reqs.append((i, list(range(len(labs))), ctx + head, len(head), [c[-1] for c in conts]))
+        else:
+            reqs += [(i, [j], ctx + c[:-1], len(c) - 1, [c[-1]]) for j, c in enumerate(conts)]
+    return reqs
+
+
 @torch.no_grad()
 def label_logprobs(model, tokenizer, prompts: list[str], labels: list[list[str]], batch_size: int = 16,
                    desc: str = "ranking") -> list[list[float]]:
@@ -25,34 +42,30 @@ def label_logprobs(model, tokenizer, prompts: list[str], labels: list[list[str]]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pairs = []  # (item, label index, context ids, continuation ids)
-    for i, (prompt, labs) in enumerate(zip(prompts, labels)):
-        ctx = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        for j, lab in enumerate(labs):
-            pairs.append((i, j, ctx, tokenizer(OUTPUT_PREFIX + lab, add_special_tokens=False)["input_ids"]))
-    order = sorted(range(len(pairs)), key=lambda p: len(pairs[p][2]) + len(pairs[p][3]))
+    reqs = _requests(tokenizer, prompts, labels)
+    order = sorted(range(len(reqs)), key=lambda k: len(reqs[k][2]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out: list[list[Optional[float]]] = [[None] * len(labs) for labs in labels]
     try:
         for start in bar(range(0, len(order), batch_size), desc=desc, leave=False):
-            batch = [pairs[p] for p in order[start:start + batch_size]]
-            seqs = [ctx + cont for _, _, ctx, cont in batch]
-            width, keep = max(map(len, seqs)), max(len(b[3]) for b in batch)
-            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, s in enumerate(seqs):
-                ids[r, width - len(s):] = torch.tensor(s)
-                mask[r, width - len(s):] = 1
+            batch = [reqs[k] for k in order[start:start + batch_size]]
+            width, keep = max(len(b[2]) for b in batch), max(b[3] for b in batch) + 1
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, b in enumerate(batch):
+                ids[r, width - len(b[2]):] = torch.tensor(b[2])
+                mask[r, width - len(b[2]):] = 1
             ids, mask = ids.to(device), mask.to(device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
-            # logits at position t predict token t + 1: the last `keep` tokens need the `keep` positions before
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                           logits_to_keep=keep + 1).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            targets = ids[:, -keep:]
-            tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, keep)
-            for r, (i, j, _, cont) in enumerate(batch):
-                out[i][j] = float(tok[r, keep - len(cont):].sum())
+            # the last `keep` positions predict the continuation's common tokens, then the candidate last token
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                           logits_to_keep=keep).logits[:, -keep:].float(), dim=-1)
+            for r, (i, js, seq, n_common, lasts) in enumerate(batch):
+                common = logp[r, keep - 1 - n_common:keep - 1].gather(-1, ids[r, width - n_common:, None]).sum() \
+                    if n_common else logp.new_zeros(())
+                final = logp[r, keep - 1, lasts]
+                for j, f in zip(js, final.tolist()):
+                    out[i][j] = float(common) + f
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
