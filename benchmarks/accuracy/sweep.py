@@ -55,7 +55,7 @@ DEFAULTS = {
     "dtype": ("bfloat16", "float32"), "full_dtype": ("float32", "float32"), "warmup_steps": (0.06, 0.06),
     "lr_scheduler_type": ("linear", "linear"), "logging_steps": (50, 1), "lora_dropout": (0.05, 0.05),
     "validation_per_task": (100, 2), "max_eval_samples": (200, 4), "calibration_batches": (50, 2),
-    "parallel": (8, 2), "threads_per_run": (2, 1),
+    "parallel": (7, 2), "threads_per_run": (2, 1),
 }
 HELP = {
     "max_train_samples": "training examples per run (round-robin over the training tasks)",
@@ -69,7 +69,7 @@ HELP = {
     "validation_per_task": "tune phase: held-out training examples per task (V)",
     "max_eval_samples": "test phase: seeded test examples per task (E; -1 all)",
     "calibration_batches": "taylor / hessian / zeroth_order scoring batches (paper: 50)",
-    "parallel": "runs at once on the device (P)", "threads_per_run": "OMP_NUM_THREADS of each run",
+    "parallel": "runs at once on the device (P; 12 float32 SmolLM2 runs overfilled an 80 GiB H100)", "threads_per_run": "OMP_NUM_THREADS of each run",
 }
 
 
