@@ -117,7 +117,8 @@ def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
     tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
     head = (["phase", "family", "config", "learning_rate", "n_seeds", "average_mean", "average_std"]
             + [f"{t}_{s}" for t in tasks for s in ("mean", "std")]
-            + ["choice_average_mean", "choice_average_std"] + [f"{t}_choice_{s}" for t in tasks for s in ("mean", "std")]
+            + ["choice_average_mean", "choice_average_std"]
+            + [f"{t}_choice_{s}" for t in tasks for s in ("mean", "std")]
             + ["no_answer_rate", "trainable_params", "peak_memory_mib", "tokens_per_second", "train_runtime_s"])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -131,7 +132,8 @@ def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
             for t in tasks:
                 c = r["choice_tasks"].get(t) or {"mean": None, "std": None}
                 cells += [_nan_blank(c["mean"]), _nan_blank(c["std"])]
-            cells += [r["no_answer_rate"], r["trainable_params"], r["peak_memory_mib"], r["tokens_per_second"], r["train_runtime_s"]]
+            cells += [r["no_answer_rate"], r["trainable_params"], r["peak_memory_mib"], r["tokens_per_second"],
+                      r["train_runtime_s"]]
             w.writerow(["" if c is None else c for c in cells])
     return path
 
@@ -162,7 +164,8 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None) -> str:
         ranked = [r for r in rows if _nan_blank(r["choice_average"]["mean"]) is not None]
         if ranked:
             lines = [f"### {titles[phase].split(' (')[0]}, ranking the answer labels (accuracy %)", "",
-                     "| config | lr | seeds | ranked | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 4)]
+                     "| config | lr | seeds | ranked | " + " | ".join(tasks) + " |",
+                     "|" + "---|" * (len(tasks) + 4)]
             for r in ranked:
                 cells = [r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"]), _pm(r["choice_average"])]
                 cells += [_pm(r["choice_tasks"][t]) if t in r["choice_tasks"] else "" for t in tasks]

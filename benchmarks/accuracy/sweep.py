@@ -69,7 +69,8 @@ HELP = {
     "validation_per_task": "tune phase: held-out training examples per task (V)",
     "max_eval_samples": "test phase: seeded test examples per task (E; -1 all)",
     "calibration_batches": "taylor / hessian / zeroth_order scoring batches (paper: 50)",
-    "parallel": "runs at once on the device (P; 12 float32 SmolLM2 runs overfilled an 80 GiB H100)", "threads_per_run": "OMP_NUM_THREADS of each run",
+    "parallel": "runs at once on the device (P; 12 float32 SmolLM2 runs overfilled an 80 GiB H100)",
+    "threads_per_run": "OMP_NUM_THREADS of each run",
 }
 
 

@@ -17,9 +17,9 @@ def format_table(before: Optional[dict], after: Optional[dict]) -> str:
     tasks = list(runs[0]["tasks"])
     has_chance = all("chance" in r for r in runs[0]["tasks"].values()) and "chance_average" in runs[0]
     has_ranked = all("choice_average" in r for r in runs)
-    head = ["task", "n"] + (["chance"] if has_chance else []) + (["before"] if before else []) + (["after"] if after else []) + (
-        ["delta"] if before and after else []) + ([f"ranked {w}" for w, r in (("before", before), ("after", after)) if r]
-                                                 if has_ranked else [])
+    named = [(w, r) for w, r in (("before", before), ("after", after)) if r]
+    head = (["task", "n"] + (["chance"] if has_chance else []) + [w for w, _ in named]
+            + (["delta"] if before and after else []) + ([f"ranked {w}" for w, _ in named] if has_ranked else []))
     rows = []
     for t in tasks + ["average"]:
         n = sum(runs[0]["tasks"][x]["n"] for x in tasks) if t == "average" else runs[0]["tasks"][t]["n"]
