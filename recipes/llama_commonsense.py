@@ -138,7 +138,7 @@ class DataArguments:
                 "files), --max_eval_samples each; reported apart as before_extra / after_extra."})
     eval_ranking: bool = field(default=True, metadata={
         "help": "Also rank each item's answer labels by likelihood (choice_accuracy): an accuracy no answer-format "
-                "miss can hide. Costs one forward pass per label."})
+                "miss can hide. One forward pass per item (per label where labels differ before the last token)."})
 
 
 def _sparse_arguments_class():

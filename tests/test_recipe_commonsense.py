@@ -434,8 +434,8 @@ def test_table_with_chance_column():
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in report.format_table(None, res).splitlines()]
     assert rows[0] == ["task", "n", "chance", "after"]
     assert rows[3] == ["ARC-Easy", "4", "25.0", "100.0"] and rows[4] == ["average", "8", "37.5", "75.0"]
-    assert T.n_choices("ARC-Easy", EXPECTED["ARC-Challenge"][0]) == 5  # from the item's Answer format line
-    assert T.n_choices("boolq", "no format line") == 2
+    assert len(T.choice_labels("ARC-Easy", EXPECTED["ARC-Challenge"][0])) == 5  # from the item's Answer format line
+    assert len(T.choice_labels("boolq", "no format line")) == 2
 
 
 def test_table_json_and_plot(tmp_path):

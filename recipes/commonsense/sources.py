@@ -113,6 +113,13 @@ def seeded_permutation(n: int, seed: int, key: str) -> np.ndarray:
     return np.random.default_rng([seed, zlib.crc32(key.encode())]).permutation(n)
 
 
+def seeded_subset(ds: Dataset, n: Optional[int], seed: int, key: str) -> Dataset:
+    """n rows of `ds` picked by seeded_permutation(seed, key); all of it when n is None, negative or >= len."""
+    if n is None or not 0 <= n < len(ds):
+        return ds
+    return ds.select(seeded_permutation(len(ds), seed, key)[:n].tolist())
+
+
 def balanced_mix(parts: Sequence[Dataset], seed: int) -> Dataset:
     """Concatenate per-task datasets, each shuffled, in round-robin order (t1, t2, ..., t1, t2, ...; a
     finished task drops out), so the first N rows of the mix are as balanced over tasks as N allows."""
@@ -199,8 +206,7 @@ def load_local(data_dir: str, tasks: Optional[Sequence[str]] = None, train_file:
     eval_sets = {}
     for t in bar(chosen, desc="loading test files"):
         ds = read_records(test_files[t], t)
-        if max_eval_samples is not None and 0 <= max_eval_samples < len(ds):
-            ds = ds.select(seeded_permutation(len(ds), seed, t)[:max_eval_samples].tolist())
+        ds = seeded_subset(ds, max_eval_samples, seed, t)
         eval_sets[t] = ds
     train, how = _local_train(root, train_file, seed)
     notes = [f"source: LLM-Adapters folder {root}", how,
@@ -273,8 +279,7 @@ def load_hub(tasks: Optional[Sequence[str]] = None, max_train_samples: Optional[
     for t in chosen:
         url = base_url + LLM_ADAPTERS_TEST.format(task=t)
         ds = _as_records(load_dataset("json", data_files=url, split="train"), t, url)
-        if max_eval_samples is not None and 0 <= max_eval_samples < len(ds):
-            ds = ds.select(seeded_permutation(len(ds), seed, t)[:max_eval_samples].tolist())
+        ds = seeded_subset(ds, max_eval_samples, seed, t)
         eval_sets[t] = ds
     notes = [f"source: {base_url} (commonsense_170k + test files)", f"eval tasks: {chosen}"]
     return CommonsenseData(_subset(train, max_train_samples), eval_sets, "hub", notes)
@@ -364,10 +369,7 @@ def load_olmo_extra_eval(tasks: Sequence[str], max_eval_samples: Optional[int] =
     root = Path(datasets_dir) if datasets_dir else olmo_datasets_dir(cache_dir)
     out = {}
     for t in chosen:
-        ds = _olmo_task(root, t)
-        if max_eval_samples is not None and 0 <= max_eval_samples < len(ds):  # as load_local's test subsets
-            ds = ds.select(seeded_permutation(len(ds), seed, t)[:max_eval_samples].tolist())
-        out[EXTRA_PREFIX + t] = ds
+        out[EXTRA_PREFIX + t] = seeded_subset(_olmo_task(root, t), max_eval_samples, seed, t)
     return out
 
 

@@ -114,11 +114,6 @@ def choice_labels(task: str, instruction: str) -> list[str]:
     return list(answer_words(task, instruction))
 
 
-def n_choices(task: str, instruction: str) -> int:
-    """Number of answer options of one item."""
-    return len(choice_labels(task, instruction))
-
-
 def extract_answer(task: str, text: str, instruction: Optional[str] = None) -> str:
     """LLM-Adapters' extract_answer: the first answer word found in the generated text, else ""."""
     words = answer_words(task, instruction)
