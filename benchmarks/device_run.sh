@@ -16,6 +16,8 @@
 #      7 runs at once: 12 float32 SmolLM2 runs (up to 9.2 GiB each) ran out of the H100's 80 GiB)
 #   5. no carry (if 4 ran out of time)   bash benchmarks/device_run.sh accuracy                      (resumes;
 #      ACC_BUDGET / ACC_DEADLINE (s) shorten it to the device time left)
+#   6. no carry                          bash benchmarks/device_run.sh accuracy-lr-check             (~3 min;
+#      taylor / hessian columns at lr 3e-4: a diagnostic of their answer-format loss, outside the study's table)
 #   later, no carry:                     bash benchmarks/device_run.sh recon-7b requant
 # Results come back as $OUT/results.tgz (outputs/device/ elsewhere): unpack, then commit them under
 # benchmarks/results/ (h100/, quantization_h100/, accuracy/) with the README tables regenerated from them.
@@ -65,6 +67,12 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
         --data_dir /tmp/data/commonsense --dtype float32 --parallel 7 --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" \
         2>&1 | tail -40
       mkdir -p "$OUT/accuracy" && cp -r "$ACC"/. "$OUT/accuracy/" ;;
+    accuracy-lr-check)  # issue 8 diagnostic: do taylor / hessian columns keep the answer format at a lower lr?
+      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SPRUNE_TRAINER_CACHE=/tmp/sc
+      python benchmarks/accuracy/sweep.py --phase test --lr 3e-4 --only 'sparse_(taylor|hessian)_per_layer_columns' \
+        --out /tmp/accuracy_lr_check --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense --dtype float32 \
+        --parallel 7 --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" 2>&1 | tail -12
+      mkdir -p "$OUT/accuracy_lr_check" && cp -r /tmp/accuracy_lr_check/. "$OUT/accuracy_lr_check/" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -23,6 +23,7 @@ from typing import Optional
 if __package__ in (None, ""):  # run as a script: the repo root on sys.path for `benchmarks.accuracy`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from benchmarks.accuracy import targets  # noqa: E402
 from benchmarks.accuracy.grid import FAMILIES  # noqa: E402
 from benchmarks.report import write_json  # noqa: E402
 
@@ -166,12 +167,18 @@ def _task_cells(stats: dict, tasks: list[str]) -> list[str]:
     return [_pm(stats[t]) if t in stats else "" for t in tasks]
 
 
-def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None) -> str:
+def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, base: Optional[dict] = None,
+             extra_base: Optional[dict] = None) -> str:
     titles = {"test": "Test sets (accuracy %, mean ± std over seeds)",
               "tune": "Validation sets, learning-rate tuning (accuracy %, one seed)"}
     parts = ["Columns: `average` and the task columns are generation accuracy (LLM-Adapters' protocol); `ranked` is "
              "the average accuracy of ranking each item's answer labels by likelihood (no format can be missed); "
              "`no answer` is the share of generations holding no valid answer word."]
+    if table.get("test"):  # the targets and what to read the table against, first
+        parts.append(_md_table(*targets.targets_table(targets.issue_targets(table["test"]))))
+    for b, what in ((base, "test"), (extra_base, "further-evaluation")):
+        if b and b["tasks"]:
+            parts.append(_md_table(*targets.baselines_table(b, what)))
     for phase in PHASES:
         rows = table.get(phase) or []
         if not rows:
@@ -211,11 +218,12 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None) -> str:
     return "\n\n".join(parts + [note]) + "\n" if len(parts) > 1 else "(no finished runs)\n"
 
 
-def plot(table: dict[str, list[dict]], path: Path) -> Optional[Path]:
+def plot(table: dict[str, list[dict]], path: Path, base: Optional[dict] = None) -> Optional[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     phases = [p for p in PHASES if table.get(p)]
@@ -239,14 +247,23 @@ def plot(table: dict[str, list[dict]], path: Path) -> Optional[Path]:
             rb = ax.bar([i + w / 2 for i in x], rm, w, yerr=rs, capsize=3, color=colours, hatch="//", alpha=0.6)
             ax.bar_label(rb, fmt="%.1f", fontsize=6, padding=2)
             means, stds = means + [m for m, k in zip(rm, ranked) if k], stds + [s for s, k in zip(rs, ranked) if k]
+        if phase == "test" and base and base["tasks"]:  # what a model that learned nothing scores
+            for b, style in (("chance", ":"), ("constant", "--")):
+                ax.axhline(100 * base["average"][b], color="black", lw=0.8, ls=style)
+                means, stds = means + [100 * base["average"][b]], stds + [0.0]
         ax.set_xticks(list(x), [_label(r) for r in rows], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("average accuracy (%)" + ("; hatched: ranked labels" if any(ranked) else ""))
+        ax.set_ylabel("average accuracy (%)")
         lo = min(m - s for m, s in zip(means, stds))
         ax.set_ylim(max(0.0, lo - 5), min(100.0, max(m + s for m, s in zip(means, stds)) + 5))
         n = sorted({r["n_seeds"] for r in rows})
-        ax.set_title(f"{phase}: mean ± std over seeds (n = {'/'.join(map(str, n))})", fontsize=9)
+        ax.set_title(f"{phase}: mean ± std over seeds (n = {'/'.join(map(str, n))})"
+                     + ("; plain: generated answers, hatched: ranked labels" if any(ranked) else ""), fontsize=9)
         fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
-        ax.legend(handles=[Patch(color=COLOURS[f], label=f) for f in fams], fontsize=7, loc="lower right")
+        handles = [Patch(color=COLOURS[f], label=f) for f in fams]
+        if phase == "test" and base and base["tasks"]:
+            handles += [Line2D([], [], color="black", lw=0.8, ls=":", label="uniform guess"),
+                        Line2D([], [], color="black", lw=0.8, ls="--", label="best constant answer")]
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -257,14 +274,18 @@ def write_all(out: str | Path) -> dict[str, Optional[Path]]:
     """All four outputs from whatever runs finished; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = summarize(load_runs(out))
+    runs = load_runs(out)
+    table = summarize(runs)
+    base, extra_base = targets.baselines(runs), targets.baselines(runs, "after_extra")
     tuned_path = out / "tuned_lr.json"
     tuned = json.loads(tuned_path.read_text()) if tuned_path.is_file() else None
     paths = {"json": out / "accuracy.json", "csv": out / "accuracy.csv", "md": out / "accuracy.md"}
-    write_json({**table, "tuned_lr": tuned}, str(paths["json"]))
+    checks = targets.issue_targets(table.get("test") or [])
+    write_json({**table, "tuned_lr": tuned, "baselines": base, "extra_baselines": extra_base,
+                "targets": checks}, str(paths["json"]))
     write_csv(table, paths["csv"])
-    paths["md"].write_text(markdown(table, tuned))
-    paths["png"] = plot(table, out / "accuracy.png")
+    paths["md"].write_text(markdown(table, tuned, base, extra_base))
+    paths["png"] = plot(table, out / "accuracy.png", base)
     return paths
 
 

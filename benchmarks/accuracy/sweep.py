@@ -93,11 +93,16 @@ def parse_args(argv=None):
     ap.add_argument("--time_budget_s", type=float, default=None, help="launch no run that would end past this")
     ap.add_argument("--deadline_s", type=float, default=None, help="kill runs still going at this time")
     ap.add_argument("--only", default=None, help="regex: only runs whose name matches (re.search)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="test phase only: run the selected configs at this learning rate instead of the tuned one. "
+                         "A diagnostic, not tuning (it is chosen after seeing test results): give it its own --out")
     ap.add_argument("--dry_run", action="store_true", help="print the runs and their command lines, run nothing")
     ap.add_argument("--smoke", action="store_true",
                     help="1 lr per family, 1 seed, 2 sparse configs, CPU (--use_cpu), no bf16, small sizes")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the runs")
     args = ap.parse_args(argv)
+    if args.lr is not None and args.phase != "test":
+        ap.error("--lr needs --phase test (the tune phase picks learning rates from the validation sets)")
     for name, (study, smoke) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else study)
@@ -215,7 +220,9 @@ def main(argv=None, t0: Optional[float] = None) -> dict:
                 return {"counts": counts, "stats": stats, "out": out}
         if args.phase in ("test", "all"):
             tuned_path = out / "tuned_lr.json"
-            if tuned_path.is_file():
+            if args.lr is not None:
+                lrs = {f: args.lr for f in grid.FAMILIES}
+            elif tuned_path.is_file():
                 lrs = tuning.read_lrs(tuned_path)
             elif args.dry_run:
                 lrs = {f: grid.default_lr(f) for f in grid.FAMILIES}

@@ -1,0 +1,117 @@
+"""What the accuracy table must be read against: the reference baselines and the study's targets (issue 8).
+
+- Baselines, per test (or further-evaluation) task, mean over seeds (each seed draws its own 200-item subset):
+  `chance` (uniform guess over the item's labels, the recipe's figure) and `constant` (the best single answer
+  for the whole subset, e.g. always "true" on BoolQ: a model that learned nothing but a label prior scores this).
+- Targets on the test average, for generation accuracy and for ranked-label accuracy: ours (the best sparse
+  config) >= LoRA r16 + 1, >= DoRA r8 - 0.5, >= full FT; and the best importance criterion beats `random` at the
+  same scope and axis by more than the seed std (pooled over the two configs).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Optional
+
+from benchmarks.accuracy.grid import IMPORTANCES
+
+METRICS = {"average": "generation", "choice_average": "ranked labels"}
+# (comparison, reference config, required margin in points)
+REFERENCE_TARGETS = (("ours − LoRA r16", "lora_r16", 1.0), ("ours − DoRA r8", "dora_r8", -0.5),
+                     ("ours − full FT", "full", 0.0))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def baselines(runs: list[dict], key: str = "after") -> dict:
+    """{"tasks": {task: {"chance", "constant"}}, "average": {"chance", "constant"}} (fractions) from the test runs'
+    stored samples; one run per seed suffices, as every run of a seed scores the same items."""
+    per_seed: dict[int, dict] = {}
+    for r in runs:
+        evals = r["results"].get(key)
+        if r["meta"].get("phase") == "test" and evals:
+            per_seed.setdefault(r["meta"]["seed"], evals["tasks"])
+    tasks = list(dict.fromkeys(t for ev in per_seed.values() for t in ev if ev[t].get("samples")))
+    out = {"seeds": sorted(per_seed), "tasks": {}}
+    for t in tasks:
+        chance, constant = [], []
+        for ev in per_seed.values():
+            if not (ev.get(t) or {}).get("samples"):
+                continue
+            answers = Counter(s["answer"] for s in ev[t]["samples"])
+            chance.append(ev[t]["chance"])
+            constant.append(answers.most_common(1)[0][1] / sum(answers.values()))
+        out["tasks"][t] = {"chance": _mean(chance), "constant": _mean(constant)}
+    out["average"] = {b: _mean([v[b] for v in out["tasks"].values()]) for b in ("chance", "constant")}
+    return out
+
+
+def random_twin(config: str) -> str:
+    """sparse_<importance>_<scope>_<axis> -> sparse_random_<scope>_<axis>."""
+    rest = config[len("sparse_"):]
+    importance = next(i for i in IMPORTANCES if rest.startswith(i + "_"))
+    return "sparse_random_" + rest[len(importance) + 1:]
+
+
+def _value(row: dict, metric: str) -> tuple[float, float]:
+    s = row[metric]
+    return 100 * s["mean"], 100 * s["std"]
+
+
+def _is_set(row: Optional[dict], metric: str) -> bool:
+    return row is not None and not math.isnan(row[metric]["mean"])
+
+
+def _check(name: str, metric: str, ours: dict, ref: dict, required: float, strict: bool = False,
+           required_is_std: bool = False) -> dict:
+    (om, os_), (rm, rs) = _value(ours, metric), _value(ref, metric)
+    margin = om - rm
+    need = math.sqrt((os_ ** 2 + rs ** 2) / 2) if required_is_std else required
+    return {"metric": metric, "comparison": name, "ours": ours["config"], "ours_value": om, "ours_std": os_,
+            "ours_seeds": ours["n_seeds"], "reference": ref["config"], "reference_value": rm, "reference_std": rs,
+            "reference_seeds": ref["n_seeds"], "margin": margin, "required": need,
+            "met": margin > need if strict else margin >= need}
+
+
+def issue_targets(test_rows: list[dict]) -> list[dict]:
+    """Each target of issue 8, for both metrics, from the test rows of `aggregate.summarize`."""
+    by_config = {r["config"]: r for r in test_rows}
+    checks = []
+    for metric in METRICS:
+        sparse = [r for r in test_rows if r["family"].startswith("sparse") and _is_set(r, metric)]
+        if not sparse:
+            continue
+        best = max(sparse, key=lambda r: r[metric]["mean"])
+        for name, ref, need in REFERENCE_TARGETS:
+            if _is_set(by_config.get(ref), metric):
+                checks.append(_check(name, metric, best, by_config[ref], need))
+        criteria = [r for r in sparse if not r["config"].startswith("sparse_random_")]
+        if criteria:
+            top = max(criteria, key=lambda r: r[metric]["mean"])
+            random = by_config.get(random_twin(top["config"]))
+            if _is_set(random, metric):
+                checks.append(_check("best criterion − random (same scope, axis)", metric, top, random, 0.0,
+                                     strict=True, required_is_std=True))
+    return checks
+
+
+def targets_table(checks: list[dict]) -> tuple[str, list[str], list[list[str]]]:
+    """(title, head, rows) of the targets table."""
+    return ("Targets of issue 8 (test average, points; ours = the best sparse config)",
+            ["metric", "comparison", "ours", "reference", "margin", "required", "met"],
+            [[METRICS[c["metric"]], c["comparison"],
+              f"{c['ours']} {c['ours_value']:.1f} ± {c['ours_std']:.1f} (n={c['ours_seeds']})",
+              f"{c['reference']} {c['reference_value']:.1f} ± {c['reference_std']:.1f} (n={c['reference_seeds']})",
+              f"{c['margin']:+.1f}", ("> " if "random" in c["comparison"] else "≥ ") + f"{c['required']:+.1f}",
+              "yes" if c["met"] else "**no**"] for c in checks])
+
+
+def baselines_table(base: dict, what: str) -> tuple[str, list[str], list[list[str]]]:
+    """(title, head, rows) of the chance / constant-answer table of `baselines`."""
+    tasks = list(base["tasks"])
+    return (f"Baselines on the same {what} items (accuracy %, mean over seeds {base['seeds']})",
+            ["baseline", "average", *tasks],
+            [[name, f"{100 * base['average'][b]:.1f}", *(f"{100 * base['tasks'][t][b]:.1f}" for t in tasks)]
+             for b, name in (("chance", "uniform guess"), ("constant", "best constant answer"))])
