@@ -32,6 +32,15 @@ OUT=$(mktemp -d /tmp/out.XXXX)
 mkdir -p "$FINAL"
 trap 'tar czf "$FINAL/results.tgz" -C "$OUT" . && ls -la "$FINAL"' EXIT
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# benchmarks/accuracy/sweep.py into folder $1 on this machine (kept between calls), copied back as $OUT/$2
+accuracy_sweep() {
+  local dir=$1 name=$2
+  shift 2
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SPRUNE_TRAINER_CACHE=/tmp/sc python benchmarks/accuracy/sweep.py \
+    "$@" --out "$dir" --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense --dtype float32 --parallel 7 \
+    --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" 2>&1 | tail -40
+  mkdir -p "$OUT/$name" && cp -r "$dir"/. "$OUT/$name/"
+}
 for stage in "$@"; do
   echo "== $stage"
   case $stage in
@@ -62,17 +71,10 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
     accuracy)  # issue 8: tune then test, resumable; everything finished so far is copied back each call
       # runs committed by earlier sessions are not run again (a run with a results.json is skipped)
       [ -d "$ACC" ] || { mkdir -p "$ACC" && cp -r benchmarks/results/accuracy/. "$ACC"/ 2>/dev/null; }
-      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SPRUNE_TRAINER_CACHE=/tmp/sc
-      python benchmarks/accuracy/sweep.py --phase all --out "$ACC" --model_name_or_path "$MODEL" \
-        --data_dir /tmp/data/commonsense --dtype float32 --parallel 7 --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" \
-        2>&1 | tail -40
-      mkdir -p "$OUT/accuracy" && cp -r "$ACC"/. "$OUT/accuracy/" ;;
+      accuracy_sweep "$ACC" accuracy --phase all ;;
     accuracy-lr-check)  # issue 8 diagnostic: do taylor / hessian columns keep the answer format at a lower lr?
-      export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SPRUNE_TRAINER_CACHE=/tmp/sc
-      python benchmarks/accuracy/sweep.py --phase test --lr 3e-4 --only 'sparse_(taylor|hessian)_per_layer_columns' \
-        --out /tmp/accuracy_lr_check --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense --dtype float32 \
-        --parallel 7 --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" 2>&1 | tail -12
-      mkdir -p "$OUT/accuracy_lr_check" && cp -r /tmp/accuracy_lr_check/. "$OUT/accuracy_lr_check/" ;;
+      accuracy_sweep /tmp/accuracy_lr_check accuracy_lr_check --phase test --lr 3e-4 \
+        --only 'sparse_(taylor|hessian)_per_layer_columns' ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -64,6 +64,7 @@ def test_issue_targets_margins_and_verdicts():
     crit = checks["best criterion − random (same scope, axis)"]
     assert crit["reference"] == "sparse_random_global_rows" and crit["margin"] == pytest.approx(1.0)
     assert crit["required"] == pytest.approx(math.sqrt((2.0 ** 2 + 0.0 ** 2) / 2)) and not crit["met"]
+    assert crit["strict"] and not lora["strict"]  # beat the std (>), but reach the fixed margins (>=)
     title, head, table = targets.targets_table(list(checks.values()))
     assert head[-1] == "met" and [r[-1] for r in table] == ["yes", "yes", "yes", "**no**"]
 

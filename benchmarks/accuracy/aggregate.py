@@ -167,15 +167,15 @@ def _task_cells(stats: dict, tasks: list[str]) -> list[str]:
     return [_pm(stats[t]) if t in stats else "" for t in tasks]
 
 
-def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, base: Optional[dict] = None,
-             extra_base: Optional[dict] = None) -> str:
+def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks: Optional[list[dict]] = None,
+             base: Optional[dict] = None, extra_base: Optional[dict] = None) -> str:
     titles = {"test": "Test sets (accuracy %, mean ± std over seeds)",
               "tune": "Validation sets, learning-rate tuning (accuracy %, one seed)"}
     parts = ["Columns: `average` and the task columns are generation accuracy (LLM-Adapters' protocol); `ranked` is "
              "the average accuracy of ranking each item's answer labels by likelihood (no format can be missed); "
              "`no answer` is the share of generations holding no valid answer word."]
-    if table.get("test"):  # the targets and what to read the table against, first
-        parts.append(_md_table(*targets.targets_table(targets.issue_targets(table["test"]))))
+    if checks:  # the targets and what to read the table against, first
+        parts.append(_md_table(*targets.targets_table(checks)))
     for b, what in ((base, "test"), (extra_base, "further-evaluation")):
         if b and b["tasks"]:
             parts.append(_md_table(*targets.baselines_table(b, what)))
@@ -247,7 +247,8 @@ def plot(table: dict[str, list[dict]], path: Path, base: Optional[dict] = None) 
             rb = ax.bar([i + w / 2 for i in x], rm, w, yerr=rs, capsize=3, color=colours, hatch="//", alpha=0.6)
             ax.bar_label(rb, fmt="%.1f", fontsize=6, padding=2)
             means, stds = means + [m for m, k in zip(rm, ranked) if k], stds + [s for s, k in zip(rs, ranked) if k]
-        if phase == "test" and base and base["tasks"]:  # what a model that learned nothing scores
+        show_base = phase == "test" and bool(base and base["tasks"])  # what a model that learned nothing scores
+        if show_base:
             for b, style in (("chance", ":"), ("constant", "--")):
                 ax.axhline(100 * base["average"][b], color="black", lw=0.8, ls=style)
                 means, stds = means + [100 * base["average"][b]], stds + [0.0]
@@ -260,7 +261,7 @@ def plot(table: dict[str, list[dict]], path: Path, base: Optional[dict] = None) 
                      + ("; plain: generated answers, hatched: ranked labels" if any(ranked) else ""), fontsize=9)
         fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
         handles = [Patch(color=COLOURS[f], label=f) for f in fams]
-        if phase == "test" and base and base["tasks"]:
+        if show_base:
             handles += [Line2D([], [], color="black", lw=0.8, ls=":", label="uniform guess"),
                         Line2D([], [], color="black", lw=0.8, ls="--", label="best constant answer")]
         ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -284,7 +285,7 @@ def write_all(out: str | Path) -> dict[str, Optional[Path]]:
     write_json({**table, "tuned_lr": tuned, "baselines": base, "extra_baselines": extra_base,
                 "targets": checks}, str(paths["json"]))
     write_csv(table, paths["csv"])
-    paths["md"].write_text(markdown(table, tuned, base, extra_base))
+    paths["md"].write_text(markdown(table, tuned, checks, base, extra_base))
     paths["png"] = plot(table, out / "accuracy.png", base)
     return paths
 
