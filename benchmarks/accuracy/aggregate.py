@@ -1,4 +1,4 @@
-"""Aggregate an accuracy sweep: every <out>/runs/<name>/{run.json, results.json} ->
+"""Aggregate an accuracy sweep: every <out>/runs/<name>/{run.json, results.json[.gz]} ->
 <out>/accuracy.json, accuracy.csv, accuracy.png, accuracy.md.
 
     python benchmarks/accuracy/aggregate.py <out>
@@ -23,7 +23,7 @@ from typing import Optional
 if __package__ in (None, ""):  # run as a script: the repo root on sys.path for `benchmarks.accuracy`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.accuracy import targets  # noqa: E402
+from benchmarks.accuracy import run_results, targets  # noqa: E402
 from benchmarks.accuracy.grid import FAMILIES  # noqa: E402
 from benchmarks.report import write_json  # noqa: E402
 
@@ -33,12 +33,12 @@ COLOURS = {"full": "#4c4c4c", "lora": "#1f77b4", "dora": "#9467bd", "sparse_rows
 
 
 def load_runs(out: str | Path) -> list[dict]:
-    """[{"meta": run.json, "results": results.json}] of every finished run (results.json present)."""
+    """[{"meta": run.json, "results": results.json}] of every finished run (results.json[.gz] present)."""
     runs = []
     for run_dir in sorted((Path(out) / "runs").glob("*")):
-        meta, res = run_dir / "run.json", run_dir / "results.json"
-        if meta.is_file() and res.is_file():
-            runs.append({"meta": json.loads(meta.read_text()), "results": json.loads(res.read_text())})
+        meta = run_dir / "run.json"
+        if meta.is_file() and (res := run_results.read(run_dir)) is not None:
+            runs.append({"meta": json.loads(meta.read_text()), "results": res})
     return runs
 
 

@@ -1,6 +1,6 @@
 """Run many commands as subprocesses, P at a time, resumably and within a time budget.
 
-- A job whose `<run_dir>/results.json` exists is skipped (a crash or a timeout loses nothing finished).
+- A job whose `<run_dir>/results.json` (or its gzipped copy, run_results.py) exists is skipped (a crash or a timeout loses nothing finished).
 - `time_budget_s`: no job is launched once `elapsed + estimate` would exceed it, the estimate being the mean
   duration of the jobs finished so far (of the same phase when there are some); running jobs are left alone.
 - `deadline_s`: the hard stop; jobs still running then are killed (SIGTERM, then SIGKILL, by pid); a job
@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
+
+from benchmarks.accuracy import run_results
 
 
 @dataclass
@@ -93,7 +95,7 @@ def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Opti
     history = history if history is not None else []
     pending = []
     for job in jobs:
-        if job.result.is_file():
+        if run_results.find(job.run_dir) is not None:  # also a committed, gzipped one
             stats.done_before.append(job.name)
         else:
             pending.append(job)

@@ -22,8 +22,8 @@ Phases
         (--extra_eval; the recipe's after_extra), tasks whose items no training or test file holds.
   all   tune, then test with the tuned learning rates.
 
-Every run writes <out>/runs/<name>/results.json (+ run.json, log.txt); a run that has one is skipped, so the
-same command resumes. --time_budget_s: no run is launched once it would end past the budget (estimated from
+Every run writes <out>/runs/<name>/results.json (+ run.json, log.txt); a run that has one (or its gzipped
+copy, run_results.py) is skipped, so the same command resumes. --time_budget_s: no run is launched once it would end past the budget (estimated from
 the finished runs' durations); --deadline_s: runs still going then are killed. The aggregate (accuracy.json,
 .csv, .png, .md) is written from whatever finished, also after an error or Ctrl-C; one line per finished run
 goes to stdout and <out>/sweep_log.txt.

@@ -1,0 +1,62 @@
+"""A run's results.json: plain as the recipe writes it, or gzipped as committed.
+
+Each results.json holds every evaluated item's generation (~290 KB); gzipped it is ~7 KB. The committed runs
+are gzipped so that the working tree, which every device call copies next to the model parts (64 MiB in
+all), stays small. Readers accept either form; a run with either is finished (the sweep skips it).
+
+    python benchmarks/accuracy/run_results.py <out> [<out> ...]    # gzip every <out>/runs/*/results.json
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+PLAIN, PACKED = "results.json", "results.json.gz"
+
+
+def find(run_dir: str | Path) -> Optional[Path]:
+    """The run's results file (plain first), or None while the run has not finished."""
+    for name in (PLAIN, PACKED):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
+
+
+def read(run_dir: str | Path) -> Optional[dict]:
+    path = find(run_dir)
+    if path is None:
+        return None
+    with (gzip.open(path, "rt") if path.name == PACKED else open(path)) as f:
+        return json.load(f)
+
+
+def pack(run_dir: str | Path) -> Optional[Path]:
+    """results.json -> results.json.gz (same content; mtime 0 in the header, so packing again gives the same
+    bytes); the plain file is removed. Returns the packed file, or None when there was no plain one."""
+    plain = Path(run_dir) / PLAIN
+    if not plain.is_file():
+        return None
+    packed = plain.with_name(PACKED)
+    data = plain.read_bytes()
+    with open(packed, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as dst:
+        dst.write(data)
+    with gzip.open(packed, "rb") as f:  # the plain file goes only once the packed one reads back the same
+        if f.read() != data:
+            raise OSError(f"{packed} does not read back as {plain}")
+    plain.unlink()
+    return packed
+
+
+def pack_all(out: str | Path) -> list[Path]:
+    return [p for d in sorted((Path(out) / "runs").glob("*")) if (p := pack(d)) is not None]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    for out in sys.argv[1:]:
+        packed = pack_all(out)
+        print(f"{out}: packed {len(packed)} results.json")

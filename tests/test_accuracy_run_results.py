@@ -1,0 +1,56 @@
+"""benchmarks/accuracy/run_results.py: committed runs are gzipped; the aggregate reads them as before and the
+sweep counts them as finished."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.accuracy import aggregate, run_results  # noqa: E402
+from benchmarks.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
+
+
+def _finished_run(out: Path, name: str, average: float) -> Path:
+    d = out / "runs" / name
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"name": name, "phase": "test", "config": "lora_r16", "family": "lora",
+                                            "seed": int(name[-1]), "learning_rate": 5e-4}))
+    samples = [{"output": "the correct answer is true", "pred": "true", "answer": "true"}] * 200
+    (d / "results.json").write_text(json.dumps({"after": {"tasks": {"boolq": {"accuracy": average, "n": 200,
+                                                                                "samples": samples}},
+                                                          "average": average}}))
+    return d
+
+
+def test_pack_keeps_content_is_deterministic_and_aggregates_the_same(tmp_path):
+    dirs = [_finished_run(tmp_path, f"test-lora_r16-lr5e-4-s{s}", a) for s, a in ((1, 0.5), (2, 0.7))]
+    plain = {d.name: json.loads((d / "results.json").read_text()) for d in dirs}
+    table = lambda: json.dumps(aggregate.summarize(aggregate.load_runs(tmp_path)))  # noqa: E731 (NaN == NaN as text)
+    before = table()
+    (tmp_path / "runs" / "unfinished").mkdir()  # nothing to pack there
+    packed = run_results.pack_all(tmp_path)
+    assert [p.parent for p in packed] == dirs
+    for d in dirs:
+        assert not (d / "results.json").exists() and run_results.find(d) == d / "results.json.gz"
+        assert run_results.read(d) == plain[d.name]
+        assert (d / "results.json.gz").stat().st_size < (len(json.dumps(plain[d.name])) / 10)
+    assert run_results.read(tmp_path / "runs" / "unfinished") is None
+    assert table() == before and '"n_seeds": 2' in before
+    # packing the same content again gives the same bytes (no timestamp in the gzip header): no git churn
+    first = (dirs[0] / "results.json.gz").read_bytes()
+    (dirs[0] / "results.json").write_text(json.dumps(plain[dirs[0].name]))
+    run_results.pack(dirs[0])
+    assert (dirs[0] / "results.json.gz").read_bytes() == first
+
+
+def test_a_packed_run_is_not_run_again(tmp_path):
+    d = _finished_run(tmp_path, "test-lora_r16-lr5e-4-s1", 0.5)
+    run_results.pack(d)
+    marker = tmp_path / "ran"
+    job = Job(d.name, [sys.executable, "-c", f"open({str(marker)!r}, 'w')"], d, {"phase": "test"})
+    st = run_jobs([job], parallel=1, log=SweepLog(tmp_path / "log.txt", time.time()), t0=time.time())
+    assert st.done_before == [d.name] and not st.finished and not marker.exists()
