@@ -262,6 +262,14 @@ def _extra_eval_sets(data_args: DataArguments, source: str, seed: int, cache_dir
     return load_olmo_extra_eval(tasks, data_args.max_eval_samples, seed, cache_dir)
 
 
+def _evaluate(when: str, model, tok, eval_sets: dict, extra_eval: dict, eval_kw: dict) -> dict:
+    """{when: the test sets' results} plus {when_extra: the --extra_eval sets'} when there are any."""
+    out = {when: evaluate_all(model, tok, eval_sets, label=when, **eval_kw)}
+    if extra_eval:
+        out[f"{when}_extra"] = evaluate_all(model, tok, extra_eval, label=f"{when} (extra)", **eval_kw)
+    return out
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train_args: TrainingArguments) -> dict:
     t_start = time.time()
     method = model_args.method
@@ -306,9 +314,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
                               "sparse": sparse_cfg.to_dict() if method == "sparse" else None,
                               "training": train_args.to_dict()}}
     if data_args.eval_before and can_eval:
-        results["before"] = evaluate_all(model, tok, data.eval, label="before", **eval_kw)
-        if extra_eval:
-            results["before_extra"] = evaluate_all(model, tok, extra_eval, label="before (extra)", **eval_kw)
+        results.update(_evaluate("before", model, tok, data.eval, extra_eval, eval_kw))
 
     trainer = None
     if train_args.do_train:
@@ -354,9 +360,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
             results["adapter_dir"] = adapter_dir
 
     if data_args.eval_after and can_eval and (train_args.do_train or model_args.adapter_dir):
-        results["after"] = evaluate_all(model, tok, data.eval, label="after", **eval_kw)
-        if extra_eval:
-            results["after_extra"] = evaluate_all(model, tok, extra_eval, label="after (extra)", **eval_kw)
+        results.update(_evaluate("after", model, tok, data.eval, extra_eval, eval_kw))
     results["total_time_s"] = time.time() - t_start
 
     if is_main:

@@ -29,7 +29,9 @@ def _finished_run(out: Path, name: str, average: float) -> Path:
 def test_pack_keeps_content_is_deterministic_and_aggregates_the_same(tmp_path):
     dirs = [_finished_run(tmp_path, f"test-lora_r16-lr5e-4-s{s}", a) for s, a in ((1, 0.5), (2, 0.7))]
     plain = {d.name: json.loads((d / "results.json").read_text()) for d in dirs}
-    table = lambda: json.dumps(aggregate.summarize(aggregate.load_runs(tmp_path)))  # noqa: E731 (NaN == NaN as text)
+    def table() -> str:  # as JSON text, where NaN equals NaN
+        return json.dumps(aggregate.summarize(aggregate.load_runs(tmp_path)))
+
     before = table()
     (tmp_path / "runs" / "unfinished").mkdir()  # nothing to pack there
     packed = run_results.pack_all(tmp_path)

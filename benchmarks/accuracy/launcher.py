@@ -1,6 +1,7 @@
 """Run many commands as subprocesses, P at a time, resumably and within a time budget.
 
-- A job whose `<run_dir>/results.json` (or its gzipped copy, run_results.py) exists is skipped (a crash or a timeout loses nothing finished).
+- A job whose `<run_dir>/results.json` (or its gzipped copy, run_results.py) exists is skipped (a crash or a
+  timeout loses nothing finished).
 - `time_budget_s`: no job is launched once `elapsed + estimate` would exceed it, the estimate being the mean
   duration of the jobs finished so far (of the same phase when there are some); running jobs are left alone.
 - `deadline_s`: the hard stop; jobs still running then are killed (SIGTERM, then SIGKILL, by pid); a job
@@ -29,8 +30,9 @@ class Job:
     meta: dict = field(default_factory=dict)   # written to <run_dir>/run.json at launch ("phase" used for estimates)
 
     @property
-    def result(self) -> Path:
-        return self.run_dir / "results.json"
+    def finished(self) -> bool:
+        """The run left its results (run_results.py: plain as written, or gzipped as committed)."""
+        return run_results.find(self.run_dir) is not None
 
 
 class SweepLog:
@@ -95,7 +97,7 @@ def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Opti
     history = history if history is not None else []
     pending = []
     for job in jobs:
-        if run_results.find(job.run_dir) is not None:  # also a committed, gzipped one
+        if job.finished:
             stats.done_before.append(job.name)
         else:
             pending.append(job)
@@ -118,7 +120,7 @@ def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Opti
             for name in [n for n, (_, p, _) in running.items() if p.poll() is not None]:
                 job, proc, start = running.pop(name)
                 secs = time.time() - start
-                if proc.returncode == 0 and job.result.is_file():
+                if proc.returncode == 0 and job.finished:
                     stats.finished[name] = secs
                     history.append((job.meta.get("phase"), secs))
                     log(f"done {name}  {secs:.1f} s  {summary(job)}".rstrip())

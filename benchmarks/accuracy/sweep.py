@@ -23,10 +23,10 @@ Phases
   all   tune, then test with the tuned learning rates.
 
 Every run writes <out>/runs/<name>/results.json (+ run.json, log.txt); a run that has one (or its gzipped
-copy, run_results.py) is skipped, so the same command resumes. --time_budget_s: no run is launched once it would end past the budget (estimated from
-the finished runs' durations); --deadline_s: runs still going then are killed. The aggregate (accuracy.json,
-.csv, .png, .md) is written from whatever finished, also after an error or Ctrl-C; one line per finished run
-goes to stdout and <out>/sweep_log.txt.
+copy, run_results.py) is skipped, so the same command resumes. --time_budget_s: no run is launched once it
+would end past the budget (estimated from the finished runs' durations); --deadline_s: runs still going then
+are killed. The aggregate (accuracy.json, .csv, .png, .md) is written from whatever finished, also after an
+error or Ctrl-C; one line per finished run goes to stdout and <out>/sweep_log.txt.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from typing import Optional  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # `benchmarks.accuracy.*`
 
-from benchmarks.accuracy import aggregate, grid, tuning  # noqa: E402
+from benchmarks.accuracy import aggregate, grid, run_results, tuning  # noqa: E402
 from benchmarks.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
 
 RECIPE = REPO / "recipes" / "llama_commonsense.py"
@@ -153,9 +153,7 @@ def run_env(args) -> dict:
 
 
 def summary_of(job: Job) -> str:
-    import json
-
-    res = json.loads(job.result.read_text())
+    res = run_results.read(job.run_dir)
     after, tr = res.get("after") or {}, res.get("training") or {}
     label = "val" if job.meta.get("phase") == "tune" else "test"
     acc = f"{label} avg {100 * after['average']:.1f}%" if "average" in after else "no eval"
