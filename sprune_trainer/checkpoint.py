@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import SparseNeuronConfig
 from .inject import CONFIG_ATTR, inject_slices, sliced_modules
+from .nonfinite import require_finite
 from .sliced_linear import SlicedLinear
 from .zero3 import gathered
 
@@ -81,6 +82,7 @@ def save_sparse_adapter(model: nn.Module, save_directory: str, tensors: dict | N
         raise ValueError("model carries no SparseNeuronConfig; it was not prepared by sprune_trainer")
     if tensors is None:
         tensors, layer_meta = adapter_state(model)
+    require_finite(tensors, f"to save the sparse adapter to {save_directory}")
     os.makedirs(save_directory, exist_ok=True)
     weights_path = os.path.join(save_directory, WEIGHTS_NAME)
     _replace_atomically(lambda p: save_file(tensors, p, metadata={"format": "pt"}), weights_path)
@@ -119,6 +121,7 @@ def read_sparse_adapter(path: str) -> SparseAdapter:
         tensors = load_file(weights_path)
     except SafetensorError as e:
         raise ValueError(f"{weights_path} is corrupt: {e}") from None
+    require_finite(tensors, f"to load the sparse adapter {path}")
     config = SparseNeuronConfig.from_dict(meta["config"])
     layers = meta["layers"]
     missing = [f"{n}.{t}" for n in layers for t in ("index", "delta") if f"{n}.{t}" not in tensors]

@@ -82,6 +82,18 @@ class SparseNeuronConfig:
     )
     zo_eps: float = field(default=1e-3, metadata={"help": "zeroth_order: SPSA perturbation size."})
     seed: int = field(default=0, metadata={"help": "Seed for random scoring, SPSA directions and calibration order."})
+    nonfinite_guard: bool = field(
+        default=True,
+        metadata={"help": "Skip an optimizer step whose loss or slice gradients hold NaN/inf (no update, moments and "
+                          "learning rate unchanged, all ranks together) and warn with its step number."})
+    cudnn_attention: bool = field(
+        default=False,
+        metadata={"help": "Let training use PyTorch's cuDNN attention kernel. Off by default: on an H200 in bf16 its "
+                          "backward returned NaN gradients for a padded batch that the memory-efficient kernel "
+                          "handles (README: the bf16 finding)."})
+    max_nonfinite_steps: int = field(
+        default=10, metadata={"help": "nonfinite_guard: consecutive skipped steps after which training stops with "
+                                      "an error (the run has diverged; try float32 or a lower learning rate)."})
 
     def __post_init__(self):
         if isinstance(self.target_modules, tuple):
@@ -119,6 +131,9 @@ class SparseNeuronConfig:
         if self.init_from_quantization_error and self.quantize_base is None:
             raise ValueError("init_from_quantization_error corrects the error of quantizing full-precision weights: "
                              "set quantize_base='nf4' (or 'fp4') and pass a full-precision model.")
+        if isinstance(self.max_nonfinite_steps, bool) or not isinstance(self.max_nonfinite_steps, int) \
+                or self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be an integer >= 1, got {self.max_nonfinite_steps!r}.")
         if self.zo_eps <= 0:
             raise ValueError(f"zo_eps must be > 0, got {self.zo_eps}.")
         tm = self.target_modules

@@ -23,6 +23,7 @@ from .checkpoint_dirs import last_complete_checkpoint, require_complete_checkpoi
 from .config import SparseNeuronConfig
 from .importance import score_neurons
 from .inject import inject_slices, layers_to_quantize, sliced_modules
+from .nonfinite import NonFiniteGuardMixin
 from .optim import SliceAdamW
 from .quantization import check_zero3_quant_storage, loaded_with_bitsandbytes, require_bitsandbytes
 from .selection import layer_budget, select_neurons
@@ -35,8 +36,11 @@ logger = logging.get_logger(__name__)
 NEEDS_DATA = ("taylor", "hessian", "zeroth_order")
 
 
-class SparseNeuronTrainer(Trainer):
+class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
     """Drop-in `Trainer` replacement; every Trainer argument works as usual, plus `sparse_config`.
+
+    A step whose loss or slice gradients are non-finite is skipped (`nonfinite.py`; the config's
+    `nonfinite_guard` / `max_nonfinite_steps`).
 
     Callbacks may define `on_neurons_selected(args, state, control, model, selection, summary)`; it is
     called once the slices are in place, before the optimizer exists."""
@@ -52,6 +56,10 @@ class SparseNeuronTrainer(Trainer):
                              "neuron selection is made once, on the model passed in")
         self.sparse_config = sparse_config if sparse_config is not None else SparseNeuronConfig(neurons_per_layer=64)
         self.sparse_config.validate()
+        self.nonfinite_guard = self.sparse_config.nonfinite_guard
+        self.max_nonfinite_steps = self.sparse_config.max_nonfinite_steps
+        self.cudnn_attention = self.sparse_config.cudnn_attention
+        self._make_nonfinite_guard()
         self.sparse_summary: Optional[dict] = None
         if not sliced_modules(self.model):
             self._check_budgets()  # bad targets / budgets fail here, before any data or training step
@@ -178,7 +186,7 @@ class SparseNeuronTrainer(Trainer):
         """SliceAdamW over the slices only (also what DeepSpeed wraps: ship configs without an optimizer block).
         An optimizer passed as `optimizers=` or `optimizer_cls_and_kwargs=` is respected."""
         if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
-            return super().create_optimizer() if self.optimizer is None else self.optimizer
+            return super().create_optimizer() if self.optimizer is None else self._guard_optimizer(self.optimizer)
         opt_model = model if model is not None else self.model
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         if not named:
@@ -191,7 +199,7 @@ class SparseNeuronTrainer(Trainer):
         self.optimizer = SliceAdamW([g for g in groups if g["params"]], lr=self.args.learning_rate,
                                     betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
                                     state_dtype=self.sparse_config.optimizer_state)
-        return self.optimizer
+        return self._guard_optimizer(self.optimizer)
 
     # ---- saving and loading: slices + indices only, never the frozen base -------------------------------
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:

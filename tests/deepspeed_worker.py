@@ -1,5 +1,6 @@
 """One DeepSpeed training run on the CPU, for test_deepspeed.py (DeepSpeed needs a process of its own).
-usage: python deepspeed_worker.py DS_CONFIG OUT_DIR [resume]   -> prints one JSON line of findings"""
+usage: python deepspeed_worker.py DS_CONFIG OUT_DIR [resume | nan]   -> prints one JSON line of findings
+(nan: the loss and gradients of optimizer step 2 are made NaN, for the non-finite guard)"""
 import json
 import os
 import sys
@@ -8,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import TokenDataset, tiny_model  # noqa: E402
+from nonfinite_injection import inject_nonfinite  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from sprune_trainer import SliceAdamW, SparseNeuronConfig, SparseNeuronTrainer  # noqa: E402
@@ -23,6 +25,8 @@ partitioned = hasattr(model.model.layers[0].self_attn.q_proj.weight, "ds_id")
 trainer = SparseNeuronTrainer(model=model, args=args, train_dataset=TokenDataset(),
                               sparse_config=SparseNeuronConfig(neurons_per_layer=4, importance="taylor",
                                                                calibration_batches=2))
+if sys.argv[3:] == ["nan"]:
+    inject_nonfinite(trainer.model, trainer, steps={2})
 trainer.train(resume_from_checkpoint=resume)
 trainer.save_model(os.path.join(out, "final"))
 inner = trainer.optimizer.optimizer  # accelerate wrapper -> DeepSpeed ZeRO optimizer
@@ -37,4 +41,5 @@ print(json.dumps({
     "checkpoint_bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(out, "checkpoint-2"))
                             for f in fs if not f.endswith(".py")),
     "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    "skipped_steps": trainer.nonfinite.skipped_steps,
 }))

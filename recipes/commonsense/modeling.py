@@ -27,11 +27,11 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 METHODS = ("sparse", "lora", "dora", "full")
 
 
-def _load_gguf(path: Path, dtype=None):
+def _load_gguf(path: Path, dtype=None, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kw)
     # the weights are dequantized: drop the GGUF quantizer marks so the model trains and saves as a plain one
     model.hf_quantizer = None
     model.is_quantized = False
@@ -85,9 +85,11 @@ def bitsandbytes_config(bits: int, compute_dtype: torch.dtype, zero3: bool = Fal
 
 def load_model_and_tokenizer(name_or_path: str = OFFLINE_DEFAULT, cache_dir: Optional[str] = None,
                              dtype: str = "auto", revision: Optional[str] = None, load_in_bits: Optional[int] = None,
-                             device: Optional[str] = None, zero3: bool = False):
+                             device: Optional[str] = None, zero3: bool = False,
+                             attn_implementation: Optional[str] = None):
     """(model, tokenizer); the tokenizer gets a pad token (EOS) when it has none. `load_in_bits` 4 / 8 loads the
     weights quantized with bitsandbytes, straight onto `device` (quantized models are not moved afterwards)."""
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
@@ -100,10 +102,10 @@ def load_model_and_tokenizer(name_or_path: str = OFFLINE_DEFAULT, cache_dir: Opt
         path = Path(name_or_path)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        model, tok = _load_gguf(path, dtype=torch_dtype)
+        model, tok = _load_gguf(path, dtype=torch_dtype, **attn)
     else:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-        kw = {}
+        kw = dict(attn)
         if load_in_bits:
             from sprune_trainer.quantization import import_bitsandbytes
             import_bitsandbytes(f"--load_in_{load_in_bits}bit")
