@@ -1,29 +1,38 @@
-"""Sparse adapters on disk: slices + indices (safetensors) and config + layer shapes + checksum (json).
+"""Sparse adapters on disk: slices + indices (safetensors) and config + layer shapes + checksums (json).
 
-Writes are atomic (temp file + os.replace; the json, written last, names the weights' sha256), so a crash
-mid-save never leaves a half-written adapter that loads; reads verify the checksum and load tensors only."""
+Writes are atomic (temp file + fsync + os.replace + fsync of the directory; the json, written last, names the
+weights' sha256 and its own), so a crash mid-save never leaves a half-written adapter that loads. An adapter loads
+only when it is exactly what was saved and fits the model: both checksums, the json and the tensors agree (every
+listed layer has its index, delta and, exactly when the config trains biases, bias_delta, of the recorded shape, k,
+axis and dtype; no tensor is left over), and the model has the recorded class and layer shapes. Everything is
+checked before the model is touched: a failed load leaves it as it was."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import SparseNeuronConfig
-from .inject import CONFIG_ATTR, inject_slices, sliced_modules
+from .config import SLICE_DTYPES, SparseNeuronConfig
+from .inject import CONFIG_ATTR, inject_slices, layers_to_quantize, sliced_modules
 from .nonfinite import require_finite
-from .sliced_linear import SlicedLinear
+from .sliced_linear import SlicedLinear, slice_dtype_for
 from .zero3 import gathered
 
 WEIGHTS_NAME = "sparse_adapter.safetensors"
 META_NAME = "sparse_adapter.json"
 FORMAT = "sprune_trainer.sparse_adapter"
-VERSION = 1
+VERSION = 2  # 2: the json records its own sha256 ("metadata_sha256"); version 1 files (without it) still load
+REQUIRED_KEYS = ("config", "layers", "weights_sha256")
+LAYER_KEYS = ("shape", "axis", "k", "dtype")
+_EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 
 
 @dataclass
@@ -32,6 +41,11 @@ class SparseAdapter:
     selection: dict[str, torch.Tensor]  # module name -> sorted neuron indices
     tensors: dict[str, torch.Tensor]    # "<module>.delta" / "<module>.bias_delta"
     shapes: dict[str, tuple[int, int]]  # module name -> base weight (d_out, d_in)
+    model_class: Optional[str] = None   # type(model).__name__ and model.config.model_type when saved
+    model_type: Optional[str] = None
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {name: self.tensors[f"{name}.delta"].dtype for name in self.selection}
 
 
 def _sha256(path: str) -> str:
@@ -42,16 +56,46 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _replace_atomically(write, path: str) -> None:
+def metadata_digest(meta: dict) -> str:
+    """sha256 of the json's content (every entry but the digest itself, in a canonical form)."""
+    body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def fsync_directory(path: str) -> None:
+    """Make a rename or removal inside `path` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems that cannot sync a directory say so
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_atomically(write, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_type_of(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
@@ -69,7 +113,7 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
             if layer.bias_delta is not None:
                 tensors[f"{name}.bias_delta"] = layer.bias_delta.detach().cpu().clone()
         meta[name] = {"shape": [layer.out_features, layer.in_features], "axis": layer.axis,
-                      "k": layer.index.numel(), "dtype": str(layer.delta.dtype).removeprefix("torch.")}
+                      "k": layer.index.numel(), "dtype": _dtype_name(layer.delta.dtype)}
     return tensors, meta
 
 
@@ -82,17 +126,20 @@ def save_sparse_adapter(model: nn.Module, save_directory: str, tensors: dict | N
         raise ValueError("model carries no SparseNeuronConfig; it was not prepared by sprune_trainer")
     if tensors is None:
         tensors, layer_meta = adapter_state(model)
+    check_adapter_consistent(config, layer_meta, tensors, "the adapter to save")  # what is written must load
     require_finite(tensors, f"to save the sparse adapter to {save_directory}")
     os.makedirs(save_directory, exist_ok=True)
     weights_path = os.path.join(save_directory, WEIGHTS_NAME)
-    _replace_atomically(lambda p: save_file(tensors, p, metadata={"format": "pt"}), weights_path)
+    replace_atomically(lambda p: save_file(tensors, p, metadata={"format": "pt"}), weights_path)
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "layers": layer_meta,
-            "model_class": type(model).__name__, "weights_sha256": _sha256(weights_path)}
+            "model_class": type(model).__name__, "model_type": model_type_of(model),
+            "weights_sha256": _sha256(weights_path)}
+    meta["metadata_sha256"] = metadata_digest(meta)
 
     def write_json(p):
         with open(p, "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
-    _replace_atomically(write_json, os.path.join(save_directory, META_NAME))
+    replace_atomically(write_json, os.path.join(save_directory, META_NAME))
     return save_directory
 
 
@@ -100,12 +147,8 @@ def is_sparse_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META_NAME)) and os.path.isfile(os.path.join(path, WEIGHTS_NAME))
 
 
-def read_sparse_adapter(path: str) -> SparseAdapter:
-    """Read and verify an adapter directory; clear errors for missing, corrupt or truncated files."""
-    meta_path, weights_path = os.path.join(path, META_NAME), os.path.join(path, WEIGHTS_NAME)
-    for p in (meta_path, weights_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p} not found: {path!r} is not a sparse adapter directory")
+def _read_metadata(meta_path: str) -> dict:
+    """The json, checked for format, version, its own checksum and the entries every adapter has."""
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -113,26 +156,114 @@ def read_sparse_adapter(path: str) -> SparseAdapter:
         raise ValueError(f"corrupt sparse adapter metadata {meta_path}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path} is not a {FORMAT} file")
-    if meta.get("version", 0) > VERSION:
-        raise ValueError(f"{meta_path} has format version {meta['version']}; this sprune_trainer reads <= {VERSION}")
-    if _sha256(weights_path) != meta.get("weights_sha256"):
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or version > VERSION:
+        raise ValueError(f"{meta_path} has format version {version!r}; this sprune_trainer reads <= {VERSION}")
+    if version >= 2 and meta.get("metadata_sha256") != metadata_digest(meta):
+        raise ValueError(f"{meta_path} was edited or is corrupt: its content's sha256 differs from the one it "
+                         "records (an adapter loads only as it was saved)")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks the entries {missing}")
+    if not isinstance(meta["config"], dict):
+        raise ValueError(f"{meta_path}: 'config' must map SparseNeuronConfig fields, got {meta['config']!r}")
+    if not isinstance(meta["layers"], dict) or not meta["layers"]:
+        raise ValueError(f"{meta_path}: 'layers' must map each sliced module to its shape, got {meta['layers']!r}")
+    return meta
+
+
+def read_sparse_adapter(path: str) -> SparseAdapter:
+    """Read and verify an adapter directory; clear errors for missing, corrupt, truncated or edited files and for
+    json and tensors that disagree."""
+    meta_path, weights_path = os.path.join(path, META_NAME), os.path.join(path, WEIGHTS_NAME)
+    for p in (meta_path, weights_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p} not found: {path!r} is not a sparse adapter directory")
+    meta = _read_metadata(meta_path)
+    if _sha256(weights_path) != meta["weights_sha256"]:
         raise ValueError(f"{weights_path} is corrupt or truncated (sha256 differs from {META_NAME})")
     try:
         tensors = load_file(weights_path)
     except SafetensorError as e:
         raise ValueError(f"{weights_path} is corrupt: {e}") from None
     require_finite(tensors, f"to load the sparse adapter {path}")
-    config = SparseNeuronConfig.from_dict(meta["config"])
+    try:
+        config = SparseNeuronConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{meta_path} holds an invalid config: {e}") from None
     layers = meta["layers"]
-    missing = [f"{n}.{t}" for n in layers for t in ("index", "delta") if f"{n}.{t}" not in tensors]
-    if missing:
-        raise ValueError(f"{weights_path} lacks tensors {missing[:4]}")
+    check_adapter_consistent(config, layers, tensors, path)
     selection = {n: tensors.pop(f"{n}.index") for n in layers}
-    return SparseAdapter(config, selection, tensors, {n: tuple(m["shape"]) for n, m in layers.items()})
+    return SparseAdapter(config, selection, tensors, {n: tuple(m["shape"]) for n, m in layers.items()},
+                         meta.get("model_class"), meta.get("model_type"))
 
 
-def check_adapter_fits(model: nn.Module, adapter: SparseAdapter) -> None:
-    """Raise a clear error when the adapter was made for a model of another shape."""
+def check_adapter_consistent(config: SparseNeuronConfig, layers: dict, tensors: dict[str, torch.Tensor],
+                             where: str) -> None:
+    """The layer metadata and the tensors (with "<module>.index") describe the same slices, and nothing else.
+    Raises ValueError naming `where` and the first disagreement."""
+    used = set()
+    for name, meta in layers.items():
+        _check_layer(config, name, meta, tensors, where)
+        used |= {f"{name}.{t}" for t in ("index", "delta", "bias_delta")}
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"{where}: tensors {unused[:4]} belong to no layer listed in its metadata")
+
+
+def _check_layer(config: SparseNeuronConfig, name: str, meta, tensors: dict, where: str) -> None:
+    if not isinstance(meta, dict) or any(k not in meta for k in LAYER_KEYS):
+        raise ValueError(f"{where}: layer {name!r} must record {LAYER_KEYS}, got {meta!r}")
+    shape, axis, k, dtype = (meta[key] for key in LAYER_KEYS)
+    if not (isinstance(shape, list | tuple) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise ValueError(f"{where}: layer {name!r} has shape {shape!r}, not (d_out, d_in)")
+    if axis != config.axis:
+        raise ValueError(f"{where}: layer {name!r} is recorded with axis={axis!r}, its config says {config.axis!r}")
+    index, delta = tensors.get(f"{name}.index"), tensors.get(f"{name}.delta")
+    if index is None or delta is None:
+        raise ValueError(f"{where}: layer {name!r} lacks its index or delta tensor")
+    d_out, d_in = shape
+    n_units = d_out if axis == "rows" else d_in
+    if (not isinstance(k, int) or index.dtype != torch.int64 or index.dim() != 1 or index.numel() != k
+            or not 0 < k <= n_units
+            or index[0] < 0 or index[-1] >= n_units or (index.numel() > 1 and not (index[1:] > index[:-1]).all())):
+        raise ValueError(f"{where}: {name}.index must be {k} sorted unique int64 indices in [0, {n_units}) "
+                         f"(its layer's {axis}), got a {index.dtype} tensor of shape {tuple(index.shape)}")
+    want = (k, d_in) if axis == "rows" else (d_out, k)
+    if tuple(delta.shape) != want:
+        raise ValueError(f"{where}: {name}.delta has shape {tuple(delta.shape)}, but {k} {axis} of a {d_out}x{d_in} "
+                         f"weight need {want}")
+    if _dtype_name(delta.dtype) not in SLICE_DTYPES:
+        raise ValueError(f"{where}: {name}.delta is {delta.dtype}, not one of the slice dtypes {SLICE_DTYPES[:3]}")
+    if _dtype_name(delta.dtype) != dtype:
+        raise ValueError(f"{where}: {name}.delta is {_dtype_name(delta.dtype)}, its metadata says {dtype!r}")
+    if config.slice_dtype != "auto" and dtype != config.slice_dtype:
+        raise ValueError(f"{where}: {name}.delta is {dtype}, but its config says slice_dtype={config.slice_dtype!r}")
+    bias = tensors.get(f"{name}.bias_delta")
+    if bias is not None and not config.train_bias:
+        raise ValueError(f"{where}: {name}.bias_delta is present, but its config says train_bias=False")
+    if bias is not None and (tuple(bias.shape) != (k,) or bias.dtype != delta.dtype):
+        raise ValueError(f"{where}: {name}.bias_delta must be ({k},) {dtype}, got {tuple(bias.shape)} {bias.dtype}")
+
+
+def check_no_rounding(saved: torch.dtype, target: torch.dtype, what: str, fix: str) -> None:
+    """Slices saved in `saved` may go into `target` only when every value survives (same dtype, or widened)."""
+    if saved != target and (saved, target) not in _EXACT_WIDENING:
+        raise ValueError(f"{what} was saved in {_dtype_name(saved)} but would be held in {_dtype_name(target)}, "
+                         f"which rounds it; {fix}")
+
+
+def check_adapter_fits(model: nn.Module, adapter: SparseAdapter, slice_dtype: Optional[str] = None,
+                       check_model_class: bool = True) -> None:
+    """Raise a clear error, before anything changes, when the adapter was made for another model (class,
+    layer names or shapes, biases) or, for a model sliced already, for other slices. `slice_dtype`: the setting
+    fresh slices will be made with (None: the adapter's own dtypes); values that it would round are refused."""
+    if check_model_class:
+        for what, saved, here in (("class", adapter.model_class, type(model).__name__),
+                                  ("model_type", adapter.model_type, model_type_of(model))):
+            if saved is not None and saved != here:
+                raise ValueError(f"adapter is for a different model: saved from a {what} {saved!r}, this model's is "
+                                 f"{here!r} (pass check_model_class=False if its layers really are the same)")
     for name, shape in adapter.shapes.items():
         try:
             module = model.get_submodule(name)
@@ -145,30 +276,58 @@ def check_adapter_fits(model: nn.Module, adapter: SparseAdapter) -> None:
         if have != tuple(shape):
             raise ValueError(f"adapter is for a different model shape: {name!r} is {have} here, "
                              f"{tuple(shape)} in the adapter")
+        has_bias, saved_bias = module.bias is not None, f"{name}.bias_delta" in adapter.tensors
+        if adapter.config.train_bias and has_bias != saved_bias:
+            raise ValueError(f"adapter is for a different model: {name!r} {'has' if has_bias else 'has no'} bias here, "
+                             f"but the adapter (train_bias=True) {'has' if saved_bias else 'has no'} bias_delta for it")
+    if sliced_modules(model):
+        check_slices_match(model, adapter)
+        return
+    layers_to_quantize(model, adapter.config)  # quantize_base on an already quantized model: refused now
+    if slice_dtype is not None:
+        for name, saved in adapter.dtypes().items():
+            check_no_rounding(saved, slice_dtype_for(model.get_submodule(name), slice_dtype), f"slice {name!r}",
+                              f"use slice_dtype={_dtype_name(saved)!r} (or 'float32')")
 
 
-@torch.no_grad()
-def copy_adapter_into(model: nn.Module, adapter: SparseAdapter) -> None:
-    """Copy the adapter's slices into the slices already on `model`, which must sit on the same neurons."""
+def check_slices_match(model: nn.Module, adapter: SparseAdapter) -> None:
+    """The slices on `model` sit on the adapter's layers and neurons, with its axis and biases, in a dtype that
+    holds its values exactly."""
     layers = sliced_modules(model)
     if set(layers) != set(adapter.selection):
         raise ValueError("the model's slices are on other layers than the adapter's: "
                          f"{sorted(set(layers) ^ set(adapter.selection))[:4]}")
     for name, layer in layers.items():
-        if not torch.equal(layer.index.cpu(), adapter.selection[name]):
+        if layer.axis != adapter.config.axis or not torch.equal(layer.index.cpu(), adapter.selection[name]):
             raise ValueError(f"the model's slice {name!r} trains other neurons than the adapter's")
+        if (layer.bias_delta is not None) != (f"{name}.bias_delta" in adapter.tensors):
+            raise ValueError(f"the model's slice {name!r} and the adapter disagree on training its bias")
+        check_no_rounding(adapter.tensors[f"{name}.delta"].dtype, layer.delta.dtype, f"slice {name!r}",
+                          "load it into a fresh model, or one sliced in the adapter's dtype")
+
+
+@torch.no_grad()
+def copy_adapter_into(model: nn.Module, adapter: SparseAdapter) -> None:
+    """Copy the adapter's slices into the slices already on `model`, which must sit on the same neurons (checked
+    for every layer before the first copy)."""
+    check_slices_match(model, adapter)
+    for name, layer in sliced_modules(model).items():
         with gathered([layer.delta, layer.bias_delta], modifier_rank=0):
             layer.delta.copy_(adapter.tensors[f"{name}.delta"])
             if layer.bias_delta is not None:
                 layer.bias_delta.copy_(adapter.tensors[f"{name}.bias_delta"])
 
 
-def load_sparse_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
+def load_sparse_adapter(model: nn.Module, adapter_dir: str, check_model_class: bool = True) -> nn.Module:
     """Attach the adapter in `adapter_dir` to `model` (a base model, or one already sliced on the same
-    neurons) and return it; the slices stay trainable, merge_sparse() makes it a plain dense model."""
+    neurons) and return it; the slices stay trainable, merge_sparse() makes it a plain dense model.
+
+    The slices are made in the dtype they were saved in, and hold exactly the saved values. Everything is
+    checked first; on any error the model is left as it was. `check_model_class=False` accepts a model of
+    another class or model_type (e.g. a Mistral for a Llama adapter) whose layer names and shapes match."""
     adapter = read_sparse_adapter(adapter_dir)
-    check_adapter_fits(model, adapter)
+    check_adapter_fits(model, adapter, check_model_class=check_model_class)
     if not sliced_modules(model):
-        inject_slices(model, adapter.selection, adapter.config)
+        inject_slices(model, adapter.selection, adapter.config, slice_dtypes=adapter.dtypes())
     copy_adapter_into(model, adapter)
     return model

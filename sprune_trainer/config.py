@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -14,6 +16,14 @@ AXES = ("rows", "columns")
 SLICE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 OPTIMIZER_STATES = ("float32", "bfloat16", "int8")
 QUANTIZE_BASES = ("nf4", "fp4")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:  # NaN fails every range check it meets
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
@@ -107,20 +117,23 @@ class SparseNeuronConfig:
         if (self.neurons_per_layer is None) == (self.ratio is None):
             raise ValueError("Set exactly one of neurons_per_layer or ratio "
                              f"(got neurons_per_layer={self.neurons_per_layer}, ratio={self.ratio}).")
-        if self.neurons_per_layer is not None and (
-            isinstance(self.neurons_per_layer, bool) or int(self.neurons_per_layer) != self.neurons_per_layer
-            or self.neurons_per_layer <= 0
-        ):
+        if self.neurons_per_layer is not None and not (_is_int(self.neurons_per_layer) and self.neurons_per_layer > 0):
             raise ValueError(f"neurons_per_layer must be a positive integer, got {self.neurons_per_layer!r}.")
-        if self.ratio is not None and not (0.0 < float(self.ratio) <= 1.0):
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}.")
+        if self.ratio is not None and not (_is_real(self.ratio) and 0.0 < self.ratio <= 1.0):
+            raise ValueError(f"ratio must be a number in (0, 1], got {self.ratio!r}.")
         for name, value, allowed in (("scope", self.scope, SCOPES), ("axis", self.axis, AXES),
                                      ("slice_dtype", self.slice_dtype, SLICE_DTYPES),
                                      ("optimizer_state", self.optimizer_state, OPTIMIZER_STATES)):
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}; choose one of {allowed}.")
+        for name in ("train_bias", "double_quant", "init_from_quantization_error", "nonfinite_guard",
+                     "cudnn_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.train_bias and self.axis != "rows":
             raise ValueError("train_bias needs axis='rows' (a column slice touches every output's bias).")
+        if not (_is_int(self.calibration_batches) and self.calibration_batches >= 0):
+            raise ValueError(f"calibration_batches must be a non-negative integer, got {self.calibration_batches!r}.")
         if self.importance in ("taylor", "hessian", "zeroth_order") and self.calibration_batches <= 0:
             raise ValueError(f"importance={self.importance!r} needs calibration_batches > 0.")
         if self.quantize_base is not None and self.quantize_base not in QUANTIZE_BASES:
@@ -131,11 +144,12 @@ class SparseNeuronConfig:
         if self.init_from_quantization_error and self.quantize_base is None:
             raise ValueError("init_from_quantization_error corrects the error of quantizing full-precision weights: "
                              "set quantize_base='nf4' (or 'fp4') and pass a full-precision model.")
-        if isinstance(self.max_nonfinite_steps, bool) or not isinstance(self.max_nonfinite_steps, int) \
-                or self.max_nonfinite_steps < 1:
+        if not (_is_int(self.max_nonfinite_steps) and self.max_nonfinite_steps >= 1):
             raise ValueError(f"max_nonfinite_steps must be an integer >= 1, got {self.max_nonfinite_steps!r}.")
-        if self.zo_eps <= 0:
-            raise ValueError(f"zo_eps must be > 0, got {self.zo_eps}.")
+        if not (_is_real(self.zo_eps) and math.isfinite(self.zo_eps) and self.zo_eps > 0):
+            raise ValueError(f"zo_eps must be a finite number > 0, got {self.zo_eps!r}.")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
         tm = self.target_modules
         if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and tm
                                                           and all(isinstance(t, str) and t for t in tm))):
@@ -145,6 +159,9 @@ class SparseNeuronConfig:
     # (optimizer state may differ only in storage)
     SELECTION_KEYS = ("importance", "neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias",
                       "quantize_base", "double_quant", "init_from_quantization_error")
+
+    # what a model's slices are, once they exist: a trainer given a sliced model refuses a config that differs here
+    SLICE_KEYS = ("neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,14 +2,16 @@
 and take them out again (merge, optionally re-quantizing)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .config import SparseNeuronConfig
-from .quantization import bnb_kind, dequantize_weight, dequantized_dtype, quantize_4bit, requantize_like
-from .sliced_linear import SlicedLinear, slice_dtype_for
+from .quantization import (bnb_kind, dequantize_weight, dequantized_dtype, import_bitsandbytes, quantize_4bit,
+                           requantize_like)
+from .sliced_linear import SlicedLinear, checked_index, slice_dtype_for
 from .targets import find_target_layers
 
 CONFIG_ATTR = "sparse_neuron_config"  # the model remembers how it was sliced, for save_sparse_adapter
@@ -17,6 +19,25 @@ CONFIG_ATTR = "sparse_neuron_config"  # the model remembers how it was sliced, f
 
 def sliced_modules(model: nn.Module) -> dict[str, SlicedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SlicedLinear)}
+
+
+def config_for_model(model: nn.Module, requested: Optional[SparseNeuronConfig]) -> SparseNeuronConfig:
+    """The config a trainer of `model` works with: `requested` (default: 64 neurons per layer), or, for a model that
+    carries slices already (load_sparse_adapter, quantize_with_sparse_correction, another trainer), the one they
+    were made with, taking from `requested` only what the slices leave open (optimizer_state, ...). A requested
+    config that describes other slices is refused rather than silently ignored."""
+    current = getattr(model, CONFIG_ATTR, None) if sliced_modules(model) else None
+    if current is None:
+        return requested if requested is not None else SparseNeuronConfig(neurons_per_layer=64)
+    if requested is None:
+        return current
+    diffs = {k: (getattr(requested, k), getattr(current, k)) for k in SparseNeuronConfig.SLICE_KEYS
+             if getattr(requested, k) != getattr(current, k)}
+    if diffs:
+        raise ValueError("the model carries sparse-neuron slices already, made with a config that differs in "
+                         + ", ".join(f"{k} (slices {b!r}, sparse_config {a!r})" for k, (a, b) in diffs.items())
+                         + ": pass sparse_config=None to train those slices, or merge_sparse() the model first")
+    return dataclasses.replace(requested, **{k: getattr(current, k) for k in SparseNeuronConfig.SELECTION_KEYS})
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -44,37 +65,70 @@ def layers_to_quantize(model: nn.Module, config: SparseNeuronConfig) -> dict[str
                      f"a {kind} bitsandbytes layer; leave quantize_base unset to train on this quantized base as it is.")
 
 
-def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: SparseNeuronConfig) -> dict[str, SlicedLinear]:
+def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: SparseNeuronConfig,
+                  slice_dtypes: Optional[dict[str, torch.dtype]] = None) -> dict[str, SlicedLinear]:
     """Freeze every parameter of `model`, then wrap each selected linear. Returns name -> SlicedLinear,
     sorted by name so the optimizer's parameter order never depends on dict order.
 
-    With `config.quantize_base` every targeted linear becomes a 4-bit `bnb.nn.Linear4bit` first (one layer at a
-    time, so the full-precision weight is freed as it goes); with `config.init_from_quantization_error` the
-    slices start at (W - dequant(Q(W)))[I], so the selected rows reproduce W exactly."""
+    Everything that can be checked is checked before the model is touched (names, layer types, indices,
+    bitsandbytes), so an error leaves the model as it was. `slice_dtypes` (name -> dtype) overrides
+    `config.slice_dtype` per layer (an adapter loads in the dtype it was saved in). With `config.quantize_base`
+    every targeted linear becomes a 4-bit `bnb.nn.Linear4bit` first (one layer at a time, so the full-precision
+    weight is freed as it goes); with `config.init_from_quantization_error` the slices start at
+    (W - dequant(Q(W)))[I], so the selected rows reproduce W exactly. Until merge_sparse() takes the slices out,
+    the model's `save_pretrained` refuses (it would write keys from_pretrained cannot read)."""
     if sliced_modules(model):
         raise ValueError("model already has sparse-neuron slices; merge_sparse() it or load into a fresh model")
     to_quantize = layers_to_quantize(model, config)
+    selection = _checked_selection(model, selection, config.axis)
+    if to_quantize:
+        import_bitsandbytes(f"quantize_base={config.quantize_base!r}")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = {}
     for name in sorted(set(selection) | set(to_quantize)):
         parent, child = _parent(model, name)
         base = original = getattr(parent, child)
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"{name} is a {type(base).__name__}, not a linear layer")
         if name in to_quantize:
             base = quantize_4bit(original.weight, original.bias, quant_type=config.quantize_base,
                                  double_quant=config.double_quant)
         if name in selection:
-            layer = SlicedLinear(base, selection[name], axis=config.axis,
-                                 dtype=slice_dtype_for(base, config.slice_dtype), train_bias=config.train_bias)
+            dtype = (slice_dtypes or {}).get(name) or slice_dtype_for(base, config.slice_dtype)
+            layer = SlicedLinear(base, selection[name], axis=config.axis, dtype=dtype, train_bias=config.train_bias)
             if config.init_from_quantization_error:  # delta = (W - dequant(Q(W)))[I]
                 with torch.no_grad():
                     layer.delta.copy_(layer.select(original.weight).float() - layer.select(dequantize_weight(base)))
             wrapped[name] = base = layer
         setattr(parent, child, base)
     setattr(model, CONFIG_ATTR, config)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = _refuse_save_pretrained  # an instance attribute: merge_sparse takes it away
     return wrapped
+
+
+def _checked_selection(model: nn.Module, selection: dict, axis: str) -> dict[str, torch.Tensor]:
+    """name -> sorted indices, once every name is a linear of `model` and every index set fits it."""
+    checked = {}
+    for name, index in selection.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{name} is not a module of {type(model).__name__}") from None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{name} is a {type(module).__name__}, not a linear layer")
+        n_units = module.out_features if axis == "rows" else module.in_features
+        try:
+            checked[name] = checked_index(index, n_units)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return checked
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    raise ValueError("this model holds unmerged sparse-neuron slices: save_pretrained would write base_layer / delta "
+                     "/ index keys that from_pretrained cannot read (it would re-initialise every sliced layer at "
+                     "random). Save the adapter with save_sparse_adapter(model, dir), or a plain dense model with "
+                     "merge_sparse(model).save_pretrained(dir).")
 
 
 def quantize_with_sparse_correction(model: nn.Module, config: SparseNeuronConfig,
@@ -84,8 +138,6 @@ def quantize_with_sparse_correction(model: nn.Module, config: SparseNeuronConfig
     The targeted linears become `bnb.nn.Linear4bit` (`config.quantize_base`, default 'nf4'); the neurons come from
     `selection` (name -> indices) or, if None, from a weight-only `config.importance` (l1 / l2 / random). The
     result trains with SparseNeuronTrainer as it is. Works in place and returns `model`."""
-    import dataclasses
-
     config = dataclasses.replace(config, quantize_base=config.quantize_base or "nf4", init_from_quantization_error=True)
     if selection is None:
         from .importance import score_neurons
@@ -141,6 +193,8 @@ def merge_sparse(model: nn.Module, requantize: bool = False, dtype: Optional[tor
         _dequantize_remaining(model, dtype, model_dtype)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
+    if model.__dict__.get("save_pretrained") is _refuse_save_pretrained:
+        del model.__dict__["save_pretrained"]  # the class's save_pretrained again
     return model
 
 

@@ -230,7 +230,7 @@ class NonFiniteGuardMixin:
 
     def _make_nonfinite_guard(self) -> NonFiniteGuard:
         if not isinstance(self.max_nonfinite_steps, int) or isinstance(self.max_nonfinite_steps, bool) \
-                or self.max_nonfinite_steps < 1:
+                or self.max_nonfinite_steps < 1:  # the plain-Trainer path (the config checks its own field)
             raise ValueError(f"max_nonfinite_steps must be an int >= 1, got {self.max_nonfinite_steps!r}")
         self.nonfinite = NonFiniteGuard(self.max_nonfinite_steps, enabled=bool(self.nonfinite_guard))
         return self.nonfinite

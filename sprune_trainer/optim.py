@@ -138,27 +138,14 @@ class SliceAdamW(torch.optim.Optimizer):
 
         param = p.float()  # fp32 params: p itself (in place); bf16/fp16: an fp32 copy written back below
         grad = p.grad.float()
-        if kind == "float32":
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        elif kind == "bfloat16":
-            exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()
-        else:
-            exp_avg = dequantize_blockwise(state["exp_avg_code"], state["exp_avg_scale"], p.shape)
-            sqrt_v = dequantize_blockwise(state["exp_avg_sq_code"], state["exp_avg_sq_scale"], p.shape)
-            exp_avg_sq = sqrt_v.square_()
+        exp_avg, exp_avg_sq = _moments_fp32(state, kind, p.shape)
 
         state["step"] += 1
         _adam_math(param, grad, exp_avg, exp_avg_sq, state["step"].item(), lr, beta1, beta2, eps, wd)
 
         if param is not p:
             p.copy_(param)
-        if kind == "bfloat16":
-            state["exp_avg"].copy_(exp_avg)
-            state["exp_avg_sq"].copy_(exp_avg_sq)
-        elif kind == "int8":
-            state["exp_avg_code"], state["exp_avg_scale"] = quantize_blockwise(exp_avg, signed=True)
-            sqrt_v = exp_avg_sq.sqrt_()
-            state["exp_avg_sq_code"], state["exp_avg_sq_scale"] = quantize_blockwise(sqrt_v, signed=False)
+        _store_moments(state, kind, exp_avg, exp_avg_sq)
 
     @staticmethod
     def _init_state(state: dict, p: torch.Tensor, kind: str) -> None:
@@ -176,9 +163,12 @@ class SliceAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader, keeping the saved dtypes; `state_dtype` stays this optimizer's own (a storage choice, not
+        a hyperparameter): moments saved in another storage are converted (e.g. a float32 run resumed with int8)."""
         # torch's loader casts every floating state tensor to its param's dtype (fp32 scales of a
         # bf16 param would become bf16, bf16 moments fp32). Keep the saved dtypes: re-copy them,
         # to the param's device (the step counter stays on CPU, as in torch).
+        wanted = [g["state_dtype"] for g in self.param_groups]
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -188,11 +178,47 @@ class SliceAdamW(torch.optim.Optimizer):
                     k: v.to("cpu" if k == "step" else p.device, copy=True)
                     for k, v in state_dict["state"][i].items()
                 }
+        for group, kind in zip(self.param_groups, wanted):
+            saved, group["state_dtype"] = group["state_dtype"], kind
+            if saved != kind:
+                for p in group["params"]:
+                    if self.state.get(p):
+                        self.state[p] = _converted_state(self.state[p], p, saved, kind)
+        self.__dict__.pop("_flat_layouts", None)  # buffers of the states just replaced
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (moments, scales and step counters)."""
         tensors = [v for s in self.state.values() for v in s.values() if torch.is_tensor(v)]
         return sum(v.numel() * v.element_size() for v in tensors)
+
+
+def _moments_fp32(state: dict, kind: str, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp_avg, exp_avg_sq) in fp32: float32 state's own tensors (updated in place), else decoded copies."""
+    if kind == "int8":
+        exp_avg = dequantize_blockwise(state["exp_avg_code"], state["exp_avg_scale"], shape)
+        sqrt_v = dequantize_blockwise(state["exp_avg_sq_code"], state["exp_avg_sq_scale"], shape)
+        return exp_avg, sqrt_v.square_()
+    return state["exp_avg"].float(), state["exp_avg_sq"].float()
+
+
+def _store_moments(state: dict, kind: str, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    """Write fp32 moments into `state` in its storage (`exp_avg_sq` is consumed: int8 keeps its square root)."""
+    if kind == "int8":
+        state["exp_avg_code"], state["exp_avg_scale"] = quantize_blockwise(exp_avg, signed=True)
+        state["exp_avg_sq_code"], state["exp_avg_sq_scale"] = quantize_blockwise(exp_avg_sq.sqrt_(), signed=False)
+    elif state["exp_avg"] is not exp_avg:  # float32 moments were updated in place
+        state["exp_avg"].copy_(exp_avg)
+        state["exp_avg_sq"].copy_(exp_avg_sq)
+
+
+def _converted_state(state: dict, p: torch.Tensor, saved: str, kind: str) -> dict:
+    """A param's state moved from `saved` storage to `kind` (the step counter kept)."""
+    exp_avg, exp_avg_sq = _moments_fp32(state, saved, p.shape)
+    new = {}
+    SliceAdamW._init_state(new, p, kind)
+    new["step"] = state["step"]
+    _store_moments(new, kind, exp_avg.clone(), exp_avg_sq.clone())
+    return new
 
 
 def _adam_math(param, grad, exp_avg, exp_avg_sq, step: float, lr, beta1, beta2, eps, wd) -> None:

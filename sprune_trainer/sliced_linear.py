@@ -22,6 +22,16 @@ def slice_dtype_for(base: nn.Linear, name: str) -> torch.dtype:
     return getattr(base, "compute_dtype", None) or torch.float32
 
 
+def checked_index(index, n_units: int) -> torch.Tensor:
+    """`index` as a sorted int64 CPU tensor, or a ValueError unless it is non-empty, unique and in [0, n_units)."""
+    index = torch.as_tensor(index, dtype=torch.long).flatten().cpu()
+    if index.numel() == 0 or index.min() < 0 or index.max() >= n_units:
+        raise ValueError(f"neuron indices must be non-empty and in [0, {n_units}), got {index.tolist()[:8]}...")
+    if index.unique().numel() != index.numel():
+        raise ValueError("neuron indices must be unique")
+    return torch.sort(index).values
+
+
 class SlicedLinear(nn.Module):
     """Wraps `base_layer` (kept frozen, never modified unless merged) and trains `delta` on neurons `index`."""
 
@@ -33,19 +43,14 @@ class SlicedLinear(nn.Module):
         if axis not in ("rows", "columns"):
             raise ValueError(f"axis must be 'rows' or 'columns', got {axis!r}")
         d_out, d_in = base_layer.out_features, base_layer.in_features
-        n_units = d_out if axis == "rows" else d_in
-        index = torch.as_tensor(index, dtype=torch.long).flatten().cpu()
-        if index.numel() == 0 or index.min() < 0 or index.max() >= n_units:
-            raise ValueError(f"neuron indices must be non-empty and in [0, {n_units}), got {index.tolist()[:8]}...")
-        if index.unique().numel() != index.numel():
-            raise ValueError("neuron indices must be unique")
+        index = checked_index(index, d_out if axis == "rows" else d_in)
         if train_bias and axis != "rows":
             raise ValueError("train_bias needs axis='rows'")
 
         device = base_layer.weight.device
         self.base_layer = base_layer
         self.axis = axis
-        self.register_buffer("index", torch.sort(index).values.to(device))  # (k,)
+        self.register_buffer("index", index.to(device))  # (k,)
         k = index.numel()
         shape = (k, d_in) if axis == "rows" else (d_out, k)
         self.delta = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))

@@ -4,10 +4,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import torch
 from torch import nn
+from transformers import TrainerCallback
+from transformers.utils import logging
 
 from .inject import sliced_modules
 from .optim import adam_state_bytes_per_param
+
+logger = logging.get_logger(__name__)
+DATA_DRIVEN = ("taylor", "hessian", "zeroth_order")
 
 
 def logical_numel(p: nn.Parameter) -> int:
@@ -59,3 +65,40 @@ def format_summary(s: dict) -> str:
     lines.append(f"  optimizer state: {_mib(s['optimizer_state_bytes'])} vs {_mib(s['full_ft_adamw_state_bytes'])} "
                  f"for AdamW on the full model ({ratio:.4f}x)")
     return "\n".join(lines)
+
+
+def summary_metrics(s: dict) -> dict[str, float]:
+    """The summary's numbers under `sparse_` names, as Trainer.log() hands them to report_to trackers."""
+    return {"sparse_sliced_layers": s["sliced_layers"], "sparse_trainable_params": s["trainable_params"],
+            "sparse_trainable_percent": s["trainable_percent"],
+            "sparse_optimizer_state_bytes": s["optimizer_state_bytes"]}
+
+
+class SelectionLogCallback(TrainerCallback):
+    """Logs `pending` (the selection's numbers) through `log` (the Trainer's) at on_train_begin: the selection is made
+    before the Trainer builds the TrainerState it trains with and before report_to trackers start, so logging it
+    then would reach neither the trainer_state.json log_history nor the trackers."""
+
+    def __init__(self, log):
+        self.log, self.pending = log, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.pending is not None:
+            self.log(dict(self.pending))
+            self.pending = None
+
+
+def warn_unscored_layers(scores: dict[str, torch.Tensor], importance: str, limit: int = 6) -> list[str]:
+    """Warn about layers whose scores are all zero: their neurons are then picked by index (0..k-1), not importance.
+    For data-driven criteria that means the loss never reached them. Returns their names."""
+    if importance == "random":
+        return []
+    zero = [name for name, s in scores.items() if not s.any()]
+    if zero:
+        why = ("the calibration loss never reached them (their outputs do not feed the loss, or it ignores them)"
+               if importance in DATA_DRIVEN else "their weights are zero")
+        shown = ", ".join(zero[:limit]) + (f" and {len(zero) - limit} more" if len(zero) > limit else "")
+        logger.warning(f"{len(zero)} of {len(scores)} layers got all-zero {importance} scores, so their neurons are "
+                       f"picked by index, not by importance: {shown}. Likely {why}; leave them out with "
+                       "target_modules, or check the loss and the calibration data.")
+    return zero

@@ -23,29 +23,34 @@ def _never_sliced(model: nn.Module) -> set[int]:
     return ids
 
 
-def _matches(name: str, targets) -> bool:
+def _matching(name: str, targets) -> list:
+    """The entries of `targets` that select module `name` (for a regex string: the string itself)."""
     if isinstance(targets, str):  # a regex over the full module name, as in PEFT
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+        return [targets] if re.fullmatch(targets, name) is not None else []
+    return [t for t in targets if name == t or name.endswith("." + t)]
 
 
 def find_target_layers(model: nn.Module, target_modules=None) -> dict[str, nn.Linear]:
     """Map module name -> linear layer to slice, in `named_modules` order.
 
     `target_modules=None` takes every nn.Linear (bitsandbytes' Linear4bit/Linear8bitLt subclass it) except the
-    output head; explicit targets must all be linears, and embeddings/heads are refused with a clear error."""
+    output head; explicit targets must all be linears, every entry of a list must match a module (a typo would
+    otherwise train fewer layers than asked, silently), and embeddings/heads are refused with a clear error."""
     from .sliced_linear import SlicedLinear  # local import: sliced_linear imports nothing from here
 
     excluded = _never_sliced(model)
     found: dict[str, nn.Linear] = {}
+    matched: set = set()
     for name, module in model.named_modules():
-        if isinstance(module, SlicedLinear) or ".base_layer" in name or not name:
+        if ".base_layer" in name or not name:
             continue
         if target_modules is None:
-            if isinstance(module, nn.Linear) and id(module) not in excluded:
+            if isinstance(module, nn.Linear) and id(module) not in excluded and not isinstance(module, SlicedLinear):
                 found[name] = module
             continue
-        if not _matches(name, target_modules):
+        hits = _matching(name, target_modules)
+        matched.update(hits)
+        if not hits or isinstance(module, SlicedLinear):  # a sliced layer is matched, but sliced already
             continue
         if id(module) in excluded:
             raise ValueError(f"target_modules matched {name!r} ({type(module).__name__}): embeddings and output "
@@ -54,8 +59,13 @@ def find_target_layers(model: nn.Module, target_modules=None) -> dict[str, nn.Li
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}, not a linear layer; "
                              "only nn.Linear (and bitsandbytes 4/8-bit linears) can be sliced.")
         found[name] = module
-    if not found:
-        what = "no nn.Linear layers" if target_modules is None else f"target_modules={target_modules!r} matched nothing"
+    unmatched = [t for t in ([target_modules] if isinstance(target_modules, str) else target_modules or [])
+                 if t not in matched]
+    if not found or unmatched:
+        what = ("no nn.Linear layers" if target_modules is None else
+                f"target_modules={target_modules!r} matched nothing" if not matched else
+                f"target_modules entries {unmatched} matched no module" if unmatched else
+                f"target_modules={target_modules!r} matched only layers that are sliced already")
         raise ValueError(f"Cannot apply sparse-neuron fine-tuning: {what} in {type(model).__name__}. "
                          "Linear names here include: " + ", ".join(_linear_name_examples(model)))
     return found

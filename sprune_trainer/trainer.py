@@ -15,19 +15,22 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .checkpoint import (adapter_state, copy_adapter_into, check_adapter_fits, is_sparse_adapter_dir,
                          read_sparse_adapter, save_sparse_adapter)
-from .checkpoint_dirs import last_complete_checkpoint, require_complete_checkpoint
+from .checkpoint_dirs import (last_complete_checkpoint, marked_complete_after_trainer_state,
+                              require_complete_checkpoint, unmark_complete)
 from .config import SparseNeuronConfig
 from .importance import score_neurons
-from .inject import inject_slices, layers_to_quantize, sliced_modules
+from .inject import config_for_model, inject_slices, layers_to_quantize, sliced_modules
 from .nonfinite import NonFiniteGuardMixin
 from .optim import SliceAdamW
+from .optimizer_check import holds_every_slice, require_every_slice, unwrap_optimizer
 from .quantization import check_zero3_quant_storage, loaded_with_bitsandbytes, require_bitsandbytes
 from .selection import layer_budget, select_neurons
-from .summary import format_summary, selection_summary
+from .summary import SelectionLogCallback, format_summary, selection_summary, summary_metrics, warn_unscored_layers
 from .targets import find_target_layers
 from .zero3 import gathered, model_is_partitioned
 
@@ -54,13 +57,16 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
         if self.model_init is not None:
             raise ValueError("SparseNeuronTrainer does not support model_init / hyperparameter search: the "
                              "neuron selection is made once, on the model passed in")
-        self.sparse_config = sparse_config if sparse_config is not None else SparseNeuronConfig(neurons_per_layer=64)
+        self.sparse_config = config_for_model(self.model, sparse_config)  # a sliced model keeps its slices' config
         self.sparse_config.validate()
         self.nonfinite_guard = self.sparse_config.nonfinite_guard
         self.max_nonfinite_steps = self.sparse_config.max_nonfinite_steps
         self.cudnn_attention = self.sparse_config.cudnn_attention
         self._make_nonfinite_guard()
         self.sparse_summary: Optional[dict] = None
+        self._sparse_optimizer = None  # the optimizer this trainer built, rebuilt when the slices change
+        self._selection_log = SelectionLogCallback(self.log)
+        self.add_callback(self._selection_log)
         if not sliced_modules(self.model):
             self._check_budgets()  # bad targets / budgets fail here, before any data or training step
         self._check_zero3_quantized_base()
@@ -94,11 +100,13 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
             if diffs:
                 raise ValueError(f"cannot resume from {resume_from_checkpoint}: its sparse config differs in "
                                  + ", ".join(f"{k} (checkpoint {b!r}, now {a!r})" for k, (a, b) in diffs.items()))
-            check_adapter_fits(self.model, adapter)
+            check_adapter_fits(self.model, adapter, slice_dtype=cfg.slice_dtype)  # no rounding of saved slices
         if sliced_modules(self.model):
             if adapter is not None:
                 copy_adapter_into(self.model, adapter)  # raises if the slices sit on other neurons
-            return self.sparse_summary or {}
+            if self.sparse_summary is None:  # sliced before this trainer (load_sparse_adapter, another trainer)
+                self._report_selection()
+            return self.sparse_summary
 
         selection = adapter.selection if adapter is not None else self._select_neurons()
         inject_slices(self.model, selection, cfg)
@@ -107,15 +115,20 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
         if getattr(self.args, "gradient_checkpointing", False) or getattr(self.args, "activation_checkpointing", False):
             # the frozen embeddings give checkpointed blocks inputs without grad; slices still need a backward
             self.model.enable_input_require_grads()
-        self.sparse_summary = selection_summary(self.model, cfg.optimizer_state)
-        if self.is_world_process_zero():
-            print(format_summary(self.sparse_summary))
+        self._report_selection()
         for cb in self.callback_handler.callbacks:
             hook = getattr(cb, "on_neurons_selected", None)
             if callable(hook):
                 hook(self.args, self.state, self.control, model=self.model, selection=selection,
                      summary=self.sparse_summary)
         return self.sparse_summary
+
+    def _report_selection(self) -> None:
+        """The summary to the log now, and its numbers to Trainer.log() (report_to trackers) once training begins."""
+        self.sparse_summary = selection_summary(self.model, self.sparse_config.optimizer_state)
+        if self.is_world_process_zero():
+            logger.info(format_summary(self.sparse_summary))
+        self._selection_log.pending = summary_metrics(self.sparse_summary)
 
     def _select_neurons(self) -> dict[str, torch.Tensor]:
         cfg = self.sparse_config
@@ -134,6 +147,8 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
             scores = score_neurons(self.model, layers, cfg, batches=batches, loss_fn=self._calibration_loss,
                                    progress=self.is_local_process_zero() and not self.args.disable_tqdm)
         scores = _sum_over_ranks(scores, self.args.device)
+        if self.is_world_process_zero():
+            warn_unscored_layers(scores, cfg.importance)
         return _same_on_every_rank(select_neurons(scores, cfg))
 
     def _calibration_loss(self, model, batch) -> torch.Tensor:
@@ -184,10 +199,21 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
 
     def create_optimizer(self, model=None):
         """SliceAdamW over the slices only (also what DeepSpeed wraps: ship configs without an optimizer block).
-        An optimizer passed as `optimizers=` or `optimizer_cls_and_kwargs=` is respected."""
-        if self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None:
-            return super().create_optimizer() if self.optimizer is None else self._guard_optimizer(self.optimizer)
+        `optimizer_cls_and_kwargs=` builds another optimizer over the slices; one passed as `optimizers=` is used
+        if it holds every slice (one built before train() holds none: refused, it would train nothing). An
+        optimizer this trainer built is built again when the slices changed (train(), merge_sparse(), train())."""
         opt_model = model if model is not None else self.model
+        if self.optimizer is not None and not self.is_deepspeed_enabled and not holds_every_slice(self.optimizer,
+                                                                                                 opt_model):
+            if unwrap_optimizer(self.optimizer) is not self._sparse_optimizer:
+                require_every_slice(self.optimizer, opt_model)  # the user's: refused with what to do instead
+            logger.info("the slices changed since this trainer built its optimizer: building a new one")
+            self.optimizer = None
+        if self.optimizer is not None:
+            return self._guard_optimizer(self.optimizer)
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            self._sparse_optimizer = super().create_optimizer()
+            return self._sparse_optimizer
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("no trainable slices: call train() (or prepare_sparse_model()) before create_optimizer")
@@ -199,6 +225,7 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
         self.optimizer = SliceAdamW([g for g in groups if g["params"]], lr=self.args.learning_rate,
                                     betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
                                     state_dtype=self.sparse_config.optimizer_state)
+        self._sparse_optimizer = self.optimizer
         return self._guard_optimizer(self.optimizer)
 
     # ---- saving and loading: slices + indices only, never the frozen base -------------------------------
@@ -219,6 +246,16 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
             self.processing_class.save_pretrained(output_dir)
         with open(os.path.join(output_dir, "training_args.json"), "w") as f:
             f.write(self.args.to_json_string())
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        """The Trainer's checkpoint, bracketed by its completeness marker: removed before the folder is (re)written,
+        written right after trainer_state.json, the last file, before old checkpoints are rotated out."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            unmark_complete(folder)
+        self.accelerator.wait_for_everyone()  # no rank writes into the folder while it still looks complete
+        with marked_complete_after_trainer_state(self.state, folder, enabled=self.args.should_save):
+            return super()._save_checkpoint(model, trial, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_deepspeed_enabled:

@@ -22,6 +22,20 @@ from sprune_trainer import SparseNeuronConfig
     (dict(neurons_per_layer=4, quantize_base="int4"), "Unknown quantize_base"),
     (dict(neurons_per_layer=4, double_quant=True), "set quantize_base"),
     (dict(neurons_per_layer=4, init_from_quantization_error=True), "set quantize_base='nf4'"),
+    # types and ranges, each error naming the field and the value it got
+    (dict(neurons_per_layer=4, importance="taylor", calibration_batches=2.5), r"calibration_batches .*2\.5"),
+    (dict(neurons_per_layer=4, calibration_batches=-1), r"calibration_batches .*-1"),
+    (dict(neurons_per_layer=4, calibration_batches="50"), "calibration_batches .*'50'"),
+    (dict(neurons_per_layer="4"), "neurons_per_layer .*'4'"),
+    (dict(neurons_per_layer=True), "neurons_per_layer .*True"),
+    (dict(ratio="0.1"), "ratio .*'0.1'"),
+    (dict(ratio=float("nan")), "ratio .*nan"),
+    (dict(neurons_per_layer=4, zo_eps=float("inf")), "zo_eps .*inf"),
+    (dict(neurons_per_layer=4, zo_eps="1e-3"), "zo_eps .*'1e-3'"),
+    (dict(neurons_per_layer=4, seed=1.5), r"seed .*1\.5"),
+    (dict(neurons_per_layer=4, train_bias="yes"), "train_bias .*'yes'"),
+    (dict(neurons_per_layer=4, double_quant=1), "double_quant .*1"),
+    (dict(neurons_per_layer=4, scope=None), "Unknown scope None"),
 ])
 def test_bad_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from conftest import TokenDataset, tiny_model
 from nonfinite_injection import inject_nonfinite
 from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, save_sparse_adapter
-from sprune_trainer.checkpoint import META_NAME, WEIGHTS_NAME, _sha256
+from sprune_trainer.checkpoint import META_NAME, WEIGHTS_NAME, _sha256, metadata_digest
 from sprune_trainer.nonfinite import NonFiniteGuardMixin, NonFiniteTrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +161,7 @@ def test_a_nan_adapter_is_refused_on_save_and_on_load(tmp_path):
     meta_path = os.path.join(good, META_NAME)
     meta = json.load(open(meta_path))
     meta["weights_sha256"] = _sha256(weights)
+    meta["metadata_sha256"] = metadata_digest(meta)
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(ValueError, match=rf"refusing to load.*{key}"):
         load_sparse_adapter(tiny_model(), good)

@@ -323,3 +323,37 @@ def test_flat_compressed_step_is_bitwise_the_per_slice_step(state_dtype, param_d
     assert opt_f.state_bytes() == opt_l.state_bytes()
     key = "exp_avg_code" if state_dtype == "int8" else "exp_avg"
     assert opt_f.state[flat[3]][key]._base is not None  # it did take the flat path (state is a view)
+
+
+@pytest.mark.parametrize("saved, wanted", [("float32", "int8"), ("int8", "float32"), ("float32", "bfloat16")])
+def test_state_dict_of_another_storage_is_converted_on_load(saved, wanted):
+    """state_dtype is this optimizer's storage, not a saved hyperparameter: a resumed run that asks for other
+    moments gets the saved ones re-encoded (was: the saved storage silently replaced the requested one)."""
+    params, copies = _copies()
+    opt = SliceAdamW(_groups(params), lr=1e-2, state_dtype=saved)
+    for step in range(3):
+        _set_grads(params, _grads(step, params))
+        opt.step()
+    sd = opt.state_dict()
+    resumed = SliceAdamW(_groups(copies), lr=1e-2, state_dtype=wanted)
+    resumed.load_state_dict(sd)
+    assert [g["state_dtype"] for g in resumed.param_groups] == [wanted, wanted]
+    for p, q in zip(params, copies):
+        old, new = opt.state[p], resumed.state[q]
+        if saved == "int8":
+            m = dequantize_blockwise(old["exp_avg_code"], old["exp_avg_scale"], p.shape)
+            v = dequantize_blockwise(old["exp_avg_sq_code"], old["exp_avg_sq_scale"], p.shape).square()
+        else:
+            m, v = old["exp_avg"], old["exp_avg_sq"]
+        assert torch.equal(new["step"], old["step"])
+        if wanted == "int8":
+            for key, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v.sqrt(), False)):
+                code, scale = quantize_blockwise(x, signed=signed)
+                assert torch.equal(new[f"{key}_code"], code) and torch.equal(new[f"{key}_scale"], scale)
+        else:
+            dtype = torch.float32 if wanted == "float32" else torch.bfloat16
+            assert new["exp_avg"].dtype == dtype and torch.equal(new["exp_avg"], m.to(dtype))
+            assert torch.equal(new["exp_avg_sq"], v.to(dtype))
+    _set_grads(copies, _grads(3, copies))
+    resumed.step()  # and it trains on in the new storage
+    assert all(torch.isfinite(q).all() for q in copies)

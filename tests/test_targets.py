@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from torch import nn
 
@@ -41,3 +43,11 @@ def test_bad_targets(llama, targets, match):
 def test_model_without_linears():
     with pytest.raises(ValueError, match="no nn.Linear"):
         find_target_layers(nn.Sequential(nn.Embedding(4, 4), nn.ReLU()))
+
+
+@pytest.mark.parametrize("targets", [["q_prj", "v_proj"], ["v_proj", "gate_prj", "up_proj"]])
+def test_every_target_entry_must_match(llama, targets):
+    """One typo among valid names would otherwise train only the valid ones, silently."""
+    typo = [t for t in targets if t.endswith("_prj")]
+    with pytest.raises(ValueError, match=re.escape(f"entries {typo!r} matched no module")):
+        find_target_layers(llama, targets)

@@ -1,5 +1,6 @@
 """SparseNeuronTrainer end to end on a tiny seeded Llama, against dense references."""
 import json
+import logging
 import os
 
 import pytest
@@ -156,18 +157,22 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 
 class _Recorder(TrainerCallback):
     def __init__(self):
-        self.calls = []
+        self.calls, self.logs = [], []
 
     def on_neurons_selected(self, args, state, control, model, selection, summary):
         self.calls.append((dict(selection), summary, model.training))
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
 
-def test_callback_event_and_summary(tmp_path, capsys):
+
+def test_callback_event_and_summary(tmp_path, capsys, caplog):
     recorder = _Recorder()
     trainer = _trainer(tmp_path, SparseNeuronConfig(neurons_per_layer=4, target_modules=["q_proj", "down_proj"]),
                        max_steps=1)
     trainer.add_callback(recorder)
-    trainer.train()
+    with caplog.at_level(logging.INFO, logger="sprune_trainer"):
+        trainer.train()
     assert len(recorder.calls) == 1
     selection, summary, _ = recorder.calls[0]
     assert sorted(selection) == sorted(sliced_modules(trainer.model))
@@ -177,8 +182,15 @@ def test_callback_event_and_summary(tmp_path, capsys):
     n_model = sum(p.numel() for p in tiny_model().parameters())
     assert summary["model_params"] == n_model and summary["full_ft_adamw_state_bytes"] == 8 * n_model
     assert summary["neurons"]["q_proj"] == {"layers": 2, "selected": 8, "of": 64, "min": 4, "max": 4}
-    out = capsys.readouterr().out
-    assert "trainable params: 768" in out and "optimizer state" in out
+    # the summary goes to logging (not print) and its numbers through Trainer.log() to every tracker
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("sprune_trainer"))
+    assert "trainable params: 768" in text and "optimizer state" in text
+    assert "trainable params: 768" not in capsys.readouterr().out
+    logged = [entry for entry in recorder.logs if "sparse_trainable_params" in entry]
+    assert len(logged) == 1 and logged[0]["sparse_trainable_params"] == 768
+    assert logged[0]["sparse_optimizer_state_bytes"] == 8 * 768 and logged[0]["sparse_sliced_layers"] == 4
+    history = [e for e in trainer.state.log_history if "sparse_trainable_params" in e]
+    assert len(history) == 1 and history[0]["step"] == 0
 
 
 @pytest.mark.parametrize("cfg", [
@@ -210,6 +222,7 @@ def find_layers(model):
 @pytest.mark.parametrize("cfg_kwargs, trainer_kwargs, match", [
     (dict(neurons_per_layer=40), {}, "has only 32 rows"),
     (dict(neurons_per_layer=4, target_modules=["qkv"]), {}, "matched nothing"),
+    (dict(neurons_per_layer=4, target_modules=["q_prj", "v_proj"]), {}, r"entries \['q_prj'\] matched no module"),
     (dict(neurons_per_layer=4, target_modules=["embed_tokens"]), {}, "never sliced"),
     (dict(neurons_per_layer=4, importance="taylor"), dict(train_dataset=None), "pass train_dataset"),
 ])
