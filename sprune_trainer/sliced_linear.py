@@ -2,6 +2,7 @@
 
 rows    (the paper): delta (k, d_in) holds updates of W[I, :];  y = base(x);  y[..., I] += x @ delta.T
 columns (ours):      delta (d_out, k) holds updates of W[:, J]; y = base(x) + x[..., J] @ delta.T
+With `dropout` > 0 (training mode) the slice sees dropout(x) instead of x, as LoRA's A does.
 No dense d_out x d_in update, mask or gradient is ever allocated; the optimizer sees only `delta`."""
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class SlicedLinear(nn.Module):
     fused = True  # False: always the generic path (the reference the fused one is tested and benchmarked against)
 
     def __init__(self, base_layer: nn.Linear, index: torch.Tensor, axis: str = "rows",
-                 dtype: torch.dtype = torch.float32, train_bias: bool = False):
+                 dtype: torch.dtype = torch.float32, train_bias: bool = False, dropout: float = 0.0):
         super().__init__()
         if axis not in ("rows", "columns"):
             raise ValueError(f"axis must be 'rows' or 'columns', got {axis!r}")
@@ -41,6 +42,8 @@ class SlicedLinear(nn.Module):
             raise ValueError("neuron indices must be unique")
         if train_bias and axis != "rows":
             raise ValueError("train_bias needs axis='rows'")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
         device = base_layer.weight.device
         self.base_layer = base_layer
@@ -51,6 +54,8 @@ class SlicedLinear(nn.Module):
         self.delta = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
         self.bias_delta = nn.Parameter(torch.zeros(k, device=device, dtype=dtype)) if (
             train_bias and base_layer.bias is not None) else None
+        # on the slice path's input only (LoRA-style); nn.Dropout is the identity in eval mode
+        self.slice_dropout = nn.Dropout(dropout) if dropout > 0 else None
         self._merged_original: tuple | None = None  # exact copies of the rows/columns overwritten by merge()
 
     # Code that inspects `layer.weight` / `layer.in_features` (HF, quantizers) keeps working on the wrapper.
@@ -77,17 +82,21 @@ class SlicedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        if self._fusable():
+        dropping = self.slice_dropout is not None and self.training
+        if not dropping and self._fusable():
             base = self.base_layer
             return sliced_linear(x, base.weight, base.bias, self.index, self.delta, self.axis)
         y = self.base_layer(x)  # (..., d_out)
         delta = self.delta.to(x.dtype)
         if self.axis == "rows":
-            update = x @ delta.T  # (..., k)
+            update = self._dropout(x) @ delta.T  # (..., k)
             if self.bias_delta is not None:
                 update = update + self.bias_delta.to(update.dtype)
             return y.index_add(-1, self.index, update.to(y.dtype))
-        return y + (x.index_select(-1, self.index) @ delta.T).to(y.dtype)  # (..., d_out)
+        return y + (self._dropout(x.index_select(-1, self.index)) @ delta.T).to(y.dtype)  # (..., d_out)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.slice_dropout is None else self.slice_dropout(x)
 
     def _fusable(self) -> bool:
         """The fused path (sliced_matmul) reads the base weight itself, so only for a plain, hook-free dense
@@ -156,4 +165,5 @@ class SlicedLinear(nn.Module):
         self._merged_original = None
 
     def extra_repr(self) -> str:
-        return f"axis={self.axis}, k={self.index.numel()}, delta={tuple(self.delta.shape)}"
+        dropout = "" if self.slice_dropout is None else f", dropout={self.slice_dropout.p}"
+        return f"axis={self.axis}, k={self.index.numel()}, delta={tuple(self.delta.shape)}{dropout}"

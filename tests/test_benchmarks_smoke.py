@@ -111,10 +111,11 @@ def test_smoke_run_writes_consistent_results(tmp_path):
     assert floor["tps_x_floor"] == 1.0 and floor["mem_x_floor"] is None  # no memory statistics on CPU
     for r in runs:
         assert r["tps_x_floor"] == pytest.approx(r["tokens_per_s"] / floor["tokens_per_s"])
-    scoring = {s["criterion"]: s for s in doc["scoring"]}
-    assert set(scoring) == {"l2", "taylor"}
-    assert scoring["l2"]["batches_measured"] == 0
-    taylor = scoring["taylor"]
+    scoring = {(s["criterion"], s["micro_batch_size"]): s for s in doc["scoring"]}
+    assert set(scoring) == {("l2", 0), ("taylor", 0), ("taylor", 1)}  # weight-only criteria are not split
+    assert scoring[("l2", 0)]["batches_measured"] == 0
+    assert all("peak_x_training" not in s for s in doc["scoring"])  # no memory statistics on CPU
+    taylor = scoring[("taylor", 1)]
     assert taylor["batches_measured"] == 2 and taylor["target_batches"] == 50
     assert taylor["seconds_extrapolated"] == pytest.approx(
         taylor["setup_s"] + taylor["first_batch_s"] + 49 * taylor["per_batch_s"])
