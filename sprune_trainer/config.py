@@ -91,6 +91,15 @@ class SparseNeuronConfig:
         metadata={"help": f"dtype of the trainable slices, one of {SLICE_DTYPES} ('auto' = base weight dtype). "
                           "float32 keeps Adam exact while the frozen base stays bf16/4-bit."},
     )
+    recompute_slice_inputs: bool = field(
+        default=False,
+        metadata={"help": "axis='rows': do not save each sliced projection's input for its weight gradient; rebuild it "
+                          "in backward from tensors the frozen model's own backward keeps anyway (RMSNorm input and "
+                          "scale for q/k/v and gate/up, act(gate) and up for down_proj: Llama / Mistral / Qwen2 "
+                          "structure, found in the autograd graph; checked bit-exact on first use). Other layers, "
+                          "quantized bases and activation checkpointing keep saving the input. Off until measured on "
+                          "GPU: benchmarks/run_all.py, method ours_rows_fp32_recompute."},
+    )
     optimizer_state: str = field(
         default="float32",
         metadata={"help": f"Adam moment storage, one of {OPTIMIZER_STATES}: 8, 4 or ~2 bytes per trained weight."},
@@ -175,6 +184,9 @@ class SparseNeuronConfig:
                              f"importance={self.importance!r}.")
         if not (isinstance(self.slice_dropout, (int, float)) and 0.0 <= float(self.slice_dropout) < 1.0):
             raise ValueError(f"slice_dropout must be a probability in [0, 1), got {self.slice_dropout!r}.")
+        if self.recompute_slice_inputs and self.axis != "rows":
+            raise ValueError("recompute_slice_inputs applies to axis='rows' (a column slice saves only x[..., J]), "
+                             f"got axis={self.axis!r}.")
 
     # what must agree between a checkpoint and the run resuming it: the neurons and the base they sit on
     # (optimizer state may differ only in storage)

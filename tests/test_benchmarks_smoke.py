@@ -157,3 +157,15 @@ def test_op_counts_show_the_batched_optimizer_and_fused_backward():
     assert rows[("ours_rows_fp32", True)]["backward"] < rows[("ours_rows_fp32_unfused", False)]["backward"]
     assert rows[("ours_cols_fp32", True)]["backward"] < rows[("ours_cols_fp32_unfused", False)]["backward"]
     assert rows[("floor", True)]["optimizer"] == 0
+
+
+def test_saved_bytes_reports_rows_recompute_and_columns_against_the_floor(tmp_path):
+    from benchmarks import saved_bytes
+    out = saved_bytes.main(["--shape", "tiny", "--layers", "2", "--tokens", "32", "--out", str(tmp_path / "s.json")])
+    per = out["per_token_layer"]
+    assert json.loads((tmp_path / "s.json").read_text())["per_token_layer"] == per
+    # tiny: hidden 256, intermediate 512, r = 64; per layer the slices keep a bf16 copy of each delta
+    deltas = 64 * (6 * 256 + 512) * 2 / 32
+    inputs = (2 * 256 + 512) * 2  # the q/k/v and gate/up norm outputs and down_proj's input, bf16, per token
+    assert per["ours_rows_fp32_recompute"] - per["floor"] == pytest.approx(deltas, rel=0.02)
+    assert per["ours_rows_fp32"] - per["ours_rows_fp32_recompute"] == pytest.approx(inputs, rel=0.02)

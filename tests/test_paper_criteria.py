@@ -1,9 +1,6 @@
 """Criteria and options of the paper's own code (PruFT, github CenjhihLi/sparsity_finetuning): wanda, elementwise
-taylor, head-balanced selection and dropout on the slice path, each against a direct dense computation; and each
-a config field and recipe flag."""
-import sys
-from pathlib import Path
-
+taylor, head-balanced selection and dropout on the slice path, each against a direct dense computation; and the
+new config fields' validation (their recipe flags: test_recipe_sparse_flags.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,7 +195,7 @@ def test_slice_dropout_is_a_config_field_carried_by_saved_adapters(tmp_path):
     assert all(m.slice_dropout is None for m in default.values())  # 0: no dropout module, the fused path
 
 
-# ---- config fields and recipe flags ---------------------------------------------------------------------
+# ---- config fields -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(calibration_micro_batch_size=-1), "calibration_micro_batch_size"),
@@ -212,21 +209,3 @@ def test_slice_dropout_is_a_config_field_carried_by_saved_adapters(tmp_path):
 def test_bad_new_fields_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SparseNeuronConfig(neurons_per_layer=4, **kwargs)
-
-
-def test_new_fields_are_recipe_flags():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    import llama_commonsense
-
-    _, _, sparse_args, _ = llama_commonsense.parse_args(
-        ["--importance", "taylor", "--taylor_form", "elementwise", "--head_balanced", "true", "--slice_dropout", "0.05",
-         "--calibration_micro_batch_size", "2", "--output_dir", "/tmp/unused"])
-    config = llama_commonsense.to_sparse_config(sparse_args)
-    assert (config.taylor_form, config.head_balanced, config.slice_dropout, config.calibration_micro_batch_size) == \
-        ("elementwise", True, 0.05, 2)
-    default = llama_commonsense.to_sparse_config(llama_commonsense.parse_args(["--output_dir", "/tmp/unused"])[2])
-    assert (default.importance, default.taylor_form, default.head_balanced, default.slice_dropout,
-            default.calibration_micro_batch_size) == ("l2", "multivariable", False, 0.0, 1)
-    with pytest.raises(ValueError, match="Unknown taylor_form"):
-        llama_commonsense.to_sparse_config(llama_commonsense.parse_args(
-            ["--taylor_form", "bad", "--importance", "taylor", "--output_dir", "/tmp/unused"])[2])
