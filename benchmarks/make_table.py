@@ -111,11 +111,13 @@ def targets_table(doc: dict) -> str:
         if s["criterion"] == crit and s.get("fraction_of_epoch") is not None:
             ok = s["fraction_of_epoch"] <= bound
             out.append(f"\nScoring ({crit}, {micro}, {s['target_batches']} batches) on {s['model']}: "
-                       f"{'✓' if ok else '✗'} {100 * s['fraction_of_epoch']:.2f} % of one epoch (target ≤ {100 * bound:.0f} %)")
+                       f"{'✓' if ok else '✗'} {100 * s['fraction_of_epoch']:.2f} % of one epoch "
+                       f"(target ≤ {100 * bound:.0f} %)")
         if s.get("peak_x_training") is not None:  # issue 20: scoring never raises the memory peak
             ok = s["peak_x_training"] <= SCORING_PEAK_TARGET
             out.append(f"\nScoring peak ({s['criterion']}, {micro}) on {s['model']}: {'✓' if ok else '✗'} "
-                       f"{s['peak_x_training']:.3f} × the training peak of ours rows (target ≤ {SCORING_PEAK_TARGET})")
+                       f"{s['peak_x_training']:.3f} × the training peak of ours rows "
+                       f"(target ≤ {SCORING_PEAK_TARGET})")
     return "\n".join(out)
 
 

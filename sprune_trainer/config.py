@@ -58,7 +58,8 @@ class SparseNeuronConfig:
                           "regex matched against the full name. Default: every linear except the output head."},
     )
     calibration_batches: int = field(
-        default=50, metadata={"help": "Train-dataloader batches used by taylor / hessian / zeroth_order / wanda scoring."}
+        default=50,
+        metadata={"help": "Train-dataloader batches used by taylor / hessian / zeroth_order / wanda scoring."}
     )
     calibration_micro_batch_size: int = field(
         default=1,
@@ -173,10 +174,10 @@ class SparseNeuronConfig:
         """The calibration, criterion and slice options of issue 20 (kept apart from validate() for easy merges)."""
         if self.importance == "wanda" and self.calibration_batches <= 0:
             raise ValueError(f"importance='wanda' needs calibration_batches > 0, got {self.calibration_batches}.")
-        if isinstance(self.calibration_micro_batch_size, bool) or not isinstance(self.calibration_micro_batch_size, int) \
-                or self.calibration_micro_batch_size < 0:
-            raise ValueError("calibration_micro_batch_size must be an integer >= 0 (0 = whole batches), got "
-                             f"{self.calibration_micro_batch_size!r}.")
+        micro = self.calibration_micro_batch_size
+        if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
+            raise ValueError(f"calibration_micro_batch_size must be an integer >= 0 (0 = whole batches), "
+                             f"got {micro!r}.")
         if self.taylor_form not in TAYLOR_FORMS:
             raise ValueError(f"Unknown taylor_form {self.taylor_form!r}; choose one of {TAYLOR_FORMS}.")
         if self.taylor_form != "multivariable" and self.importance != "taylor":

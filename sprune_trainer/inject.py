@@ -66,8 +66,9 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
             base = quantize_4bit(original.weight, original.bias, quant_type=config.quantize_base,
                                  double_quant=config.double_quant)
         if name in selection:
-            layer = SlicedLinear(base, selection[name], axis=config.axis, dtype=slice_dtype_for(base, config.slice_dtype),
-                                 train_bias=config.train_bias, dropout=config.slice_dropout)
+            layer = SlicedLinear(base, selection[name], axis=config.axis,
+                                 dtype=slice_dtype_for(base, config.slice_dtype), train_bias=config.train_bias,
+                                 dropout=config.slice_dropout)
             layer.recompute_input = config.recompute_slice_inputs
             if config.init_from_quantization_error:  # delta = (W - dequant(Q(W)))[I]
                 with torch.no_grad():
