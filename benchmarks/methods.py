@@ -5,7 +5,8 @@ All act on the same random-init model, one after another; `Prepared.undo()` give
 
     floor    nothing trainable; the embedding output requires grad, so backward runs through every layer to
              the inputs: the least any adapter method can cost (its own extra work = 0)
-    ours     sprune_trainer.inject_slices, r rows (or columns) per projection, random indices, SliceAdamW
+    ours     sprune_trainer.inject_slices, r rows (or columns) per projection, random indices, SliceAdamW; "recompute":
+             rows whose inputs are rebuilt in backward from what the frozen model keeps (recompute_slice_inputs)
     lora     PEFT LoRA (dora: use_dora=True), alpha = 2r, no dropout, PEFT's default fp32 adapter weights
     masked   SpFT baseline: dense projection weights trainable, grads multiplied by a 0/1 row mask before the
              step (the same random rows as `ours`), torch AdamW over the full weights, no weight decay
@@ -33,12 +34,14 @@ class MethodSpec:
     axis: str = "rows"
     state: str = "float32"  # SliceAdamW moments (ours)
     fused: bool = True      # ours: the fused sliced matmul (False: the generic base(x) + update path)
+    recompute: bool = False  # ours rows: rebuild slice inputs in backward (SparseNeuronConfig.recompute_slice_inputs)
 
     @property
     def label(self) -> str:
         return {
             "floor": "frozen floor",
-            "ours": f"ours {self.axis} r{self.r} ({_SHORT[self.state]} state)" + ("" if self.fused else ", unfused"),
+            "ours": f"ours {self.axis} r{self.r} ({_SHORT[self.state]} state)" + ("" if self.fused else ", unfused")
+                    + (", recompute" if self.recompute else ""),
             "lora": f"LoRA r{self.r}",
             "dora": f"DoRA r{self.r}",
             "masked": f"masked SpFT r{self.r}",
@@ -51,6 +54,7 @@ def main_methods(r: int = 64) -> list[MethodSpec]:
     return [
         MethodSpec("floor", "floor"),
         MethodSpec("ours_rows_fp32", "ours", r, "rows", "float32"),
+        MethodSpec("ours_rows_fp32_recompute", "ours", r, "rows", "float32", recompute=True),
         MethodSpec("ours_rows_int8", "ours", r, "rows", "int8"),
         MethodSpec("ours_cols_fp32", "ours", r, "columns", "float32"),
         MethodSpec("ours_rows_fp32_unfused", "ours", r, "rows", "float32", fused=False),
@@ -124,7 +128,7 @@ def setup_ours(model, spec, lr):
     layers = target_layers(model)
     selection = random_selection(layers, spec.r, spec.axis)
     cfg = SparseNeuronConfig(neurons_per_layer=spec.r, axis=spec.axis, optimizer_state=spec.state,
-                             target_modules=list(TARGETS), importance="random")
+                             target_modules=list(TARGETS), importance="random", recompute_slice_inputs=spec.recompute)
     wrapped = inject_slices(model, selection, cfg)  # freezes everything else
     for layer in wrapped.values():
         layer.fused = spec.fused

@@ -64,9 +64,9 @@ RUN_COLUMNS = ["sweep", "model", "batch", "seq", "checkpointing", "method", "lab
                "tokens_per_s", "step_s_median", "mem_x_floor", "tps_x_floor", "mem_x_lora16", "tps_x_lora16",
                "mem_x_masked", "trainable_params", "effective_params", "optimizer_state_mib", "loss_last",
                "setup_s", "wall_s", "notes", "error"]
-SCORING_COLUMNS = ["model", "criterion", "status", "batch", "seq", "batches_measured", "target_batches",
-                   "seconds_measured", "per_batch_s", "seconds_extrapolated", "peak_gib", "epoch_s",
-                   "fraction_of_epoch", "error"]
+SCORING_COLUMNS = ["model", "criterion", "micro_batch_size", "status", "batch", "seq", "batches_measured",
+                   "target_batches", "seconds_measured", "per_batch_s", "seconds_extrapolated", "peak_gib",
+                   "peak_x_training", "peak_x_training_ckpt", "epoch_s", "fraction_of_epoch", "error"]
 
 
 def _gib(x):

@@ -30,12 +30,13 @@ from benchmarks import methods, plans, report  # noqa: E402
 from benchmarks.make_table import markdown  # noqa: E402
 from benchmarks.measure import StepSettings, bench_config, release_memory  # noqa: E402
 from benchmarks.plots import plot_main, plot_sweeps  # noqa: E402
-from benchmarks.scoring import COMMONSENSE_EXAMPLES, TOKENS_PER_EXAMPLE, epoch_seconds, measure_scoring  # noqa: E402
+from benchmarks.scoring import (COMMONSENSE_EXAMPLES, TOKENS_PER_EXAMPLE, epoch_seconds, measure_scoring,  # noqa: E402
+                                needs_data)
 from benchmarks.shapes import build_model, random_batch  # noqa: E402
 
 MAIN_MODELS = ["llama3-8b", "llama2-7b", "llama3.2-1b"]  # the targets first
 SIZE_MODELS = ["llama3.2-1b", "llama3.2-3b", "llama2-7b", "llama2-13b", "llama3-8b"]
-CRITERIA = ["l2", "taylor", "hessian", "zeroth_order"]
+CRITERIA = ["l2", "taylor", "taylor_elementwise", "hessian", "zeroth_order", "wanda"]
 
 
 def parse_args(argv=None):
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     ap.add_argument("--criteria", default=",".join(CRITERIA), help="importance criteria to time ('' = none)")
     ap.add_argument("--score-batches", type=int, default=3, help="calibration batches actually run per criterion")
     ap.add_argument("--score-target", type=int, default=50, help="calibration batches extrapolated to (paper: 50)")
+    ap.add_argument("--score-micro-batches", default="0,1",
+                    help="calibration_micro_batch_size values each data-driven criterion is measured at (0 = whole "
+                         "batches); each row's peak is set against the training peak of ours rows at the same batch")
     ap.add_argument("--sweep-model", default="llama3-8b")
     ap.add_argument("--sweep-rs", default="8,16,32,64,128,256,512")
     ap.add_argument("--sweep-seqs", default="256,512,1024,2048,4096", help="at 4096 tokens per step")
@@ -80,6 +84,7 @@ def parse_args(argv=None):
     args.batch_seq = [tuple(int(v) for v in bs.split("x")) for bs in args.batch_seq.split(",")]
     args.checkpointing = [{"off": False, "on": True}[c] for c in args.checkpointing.split(",")]
     args.criteria = [c for c in args.criteria.split(",") if c]
+    args.score_micro_batches = [int(v) for v in args.score_micro_batches.split(",")]
     args.dtype = getattr(torch, args.dtype)
     return args
 
@@ -152,16 +157,24 @@ class Runner:
     def score(self, name, model):
         vocab = model.config.vocab_size
         b, t = self.args.batch_seq[0]
-        ours = next((r for r in self.doc["runs"] if r["model"] == name and r["method"] == "ours_rows_fp32"
-                     and (r["batch"], r["seq"]) == (b, t) and r["status"] == "ok"), None)  # ckpt off first
-        for crit in self.args.criteria:
+        trained = {r["checkpointing"]: r for r in self.doc["runs"] if r["model"] == name and r["status"] == "ok"
+                   and r["method"] == "ours_rows_fp32" and (r["batch"], r["seq"]) == (b, t)}
+        ours = trained.get(False, trained.get(True))
+        jobs = [(crit, mb) for crit in self.args.criteria
+                for mb in (self.args.score_micro_batches if needs_data(crit) else [0])]
+        for crit, mb in jobs:
             if not self.fits(4 * self.last_wall.get(name, 0.0)):
-                self.doc["scoring"].append({"model": name, "criterion": crit, "status": "skipped"})
+                self.doc["scoring"].append({"model": name, "criterion": crit, "micro_batch_size": mb,
+                                            "status": "skipped"})
                 continue
             batches = [random_batch(vocab, b, t, self.device, seed=100 + i) for i in range(self.args.score_batches)]
-            row = measure_scoring(model, crit, batches, self.args.score_target, self.device)
+            row = measure_scoring(model, crit, batches, self.args.score_target, self.device, micro_batch_size=mb)
             del batches
             row["model"] = name
+            for ckpt, key in ((False, "train_peak_bytes"), (True, "train_peak_bytes_ckpt")):
+                if trained.get(ckpt, {}).get("peak_bytes") and row.get("peak_bytes"):
+                    row[key] = trained[ckpt]["peak_bytes"]
+                    row[key.replace("train_peak_bytes", "peak_x_training")] = row["peak_bytes"] / row[key]
             if ours is not None and row["status"] == "ok":
                 row["epoch_s"] = epoch_seconds(ours["tokens_per_s"])
                 row["epoch_tokens_per_s"] = ours["tokens_per_s"]
@@ -174,7 +187,9 @@ class Runner:
                     msg += f" = {100 * row['fraction_of_epoch']:.2f}% of an epoch"
             else:
                 msg = row["status"]
-            print(f"[{self.elapsed():6.0f}s] {name} scoring {crit}: {msg}", flush=True)
+            if row.get("peak_x_training") is not None:
+                msg += f"; peak {row['peak_bytes'] / 2**30:.2f} GiB = {row['peak_x_training']:.2f}x training"
+            print(f"[{self.elapsed():6.0f}s] {name} scoring {crit} (micro-batch {mb or 'whole'}): {msg}", flush=True)
             self.save()
 
     def _skipped_row(self, job):

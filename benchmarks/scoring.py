@@ -31,16 +31,29 @@ def _stamped(batches, device, stamps):
         yield b
 
 
+# benchmark names of criterion variants -> SparseNeuronConfig fields
+CRITERION_FIELDS = {"taylor_elementwise": {"importance": "taylor", "taylor_form": "elementwise"}}
+
+
+def needs_data(criterion: str) -> bool:
+    from sprune_trainer.config import DATA_IMPORTANCE_NAMES
+    return CRITERION_FIELDS.get(criterion, {"importance": criterion})["importance"] in DATA_IMPORTANCE_NAMES
+
+
 def measure_scoring(model: nn.Module, criterion: str, batches: list[dict], target_batches: int,
-                    device: torch.device) -> dict:
+                    device: torch.device, micro_batch_size: int = 0) -> dict:
+    """Time and peak memory of scoring `batches` with `criterion` in parts of `micro_batch_size` sequences
+    (0 = whole batches)."""
     from sprune_trainer import SparseNeuronConfig
     from sprune_trainer.importance import score_neurons
 
     layers = target_layers(model)
     n = len(batches)
-    cfg = SparseNeuronConfig(importance=criterion, neurons_per_layer=64, calibration_batches=n)
+    fields = CRITERION_FIELDS.get(criterion, {"importance": criterion})
+    cfg = SparseNeuronConfig(neurons_per_layer=64, calibration_batches=n, calibration_micro_batch_size=micro_batch_size,
+                             **fields)
     b, t = batches[0]["input_ids"].shape
-    row = {"criterion": criterion, "batch": b, "seq": t, "status": "ok"}
+    row = {"criterion": criterion, "batch": b, "seq": t, "micro_batch_size": micro_batch_size, "status": "ok"}
     release_memory(device)
     stamps: list[float] = []
     t0 = time.perf_counter()

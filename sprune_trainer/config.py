@@ -10,7 +10,9 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-IMPORTANCE_NAMES = ("random", "l1", "l2", "taylor", "hessian", "zeroth_order")
+IMPORTANCE_NAMES = ("random", "l1", "l2", "taylor", "hessian", "zeroth_order", "wanda")
+DATA_IMPORTANCE_NAMES = ("taylor", "hessian", "zeroth_order", "wanda")  # those that score on calibration batches
+TAYLOR_FORMS = ("multivariable", "elementwise")
 SCOPES = ("per_layer", "global")
 AXES = ("rows", "columns")
 SLICE_DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -32,8 +34,9 @@ class SparseNeuronConfig:
 
     importance: str = field(
         default="l2",
-        metadata={"help": f"Neuron importance criterion, one of {IMPORTANCE_NAMES}. taylor/hessian/zeroth_order "
-                          "score on `calibration_batches` batches of the train dataloader."},
+        metadata={"help": f"Neuron importance criterion, one of {IMPORTANCE_NAMES}. taylor/hessian/zeroth_order/wanda "
+                          "score on `calibration_batches` batches of the train dataloader; wanda = |W| weighted by "
+                          "the input features' activation norms (forward passes only)."},
     )
     neurons_per_layer: Optional[int] = field(
         default=None, metadata={"help": "Neurons (rows, or columns) trained per targeted linear (paper: 64)."}
@@ -45,6 +48,13 @@ class SparseNeuronConfig:
         default="per_layer",
         metadata={"help": "per_layer: top-k in every layer; global: one budget (same total) across all layers, "
                           "scores normalised by each layer's mean."},
+    )
+    head_balanced: bool = field(
+        default=False,
+        metadata={"help": "Attention projections get the same number of neurons in every head (the paper code's "
+                          "channel_groups): q_proj rows per attention head, k_proj/v_proj rows per key-value head, "
+                          "o_proj columns per attention head (axis='columns'); heads from the model config. Such a "
+                          "layer's budget is rounded to a multiple of its heads (at least one neuron per head)."},
     )
     axis: str = field(
         default="rows",
@@ -58,15 +68,48 @@ class SparseNeuronConfig:
                           "regex matched against the full name. Default: every linear except the output head."},
     )
     calibration_batches: int = field(
-        default=50, metadata={"help": "Train-dataloader batches used by taylor / hessian / zeroth_order scoring."}
+        default=50,
+        metadata={"help": "Train-dataloader batches used by taylor / hessian / zeroth_order / wanda scoring."}
+    )
+    calibration_micro_batch_size: int = field(
+        default=1,
+        metadata={"help": "Sequences per forward/backward while scoring a calibration batch (0 = the whole batch). "
+                          "taylor, zeroth_order and wanda sum over tokens, so they score the same at any size (each "
+                          "part weighted by its share of the label tokens: loss = mean over labels != -100, as Hugging "
+                          "Face computes it) and only the memory peak changes: one part's activations instead of the "
+                          "batch's. hessian and taylor_form='elementwise' square / take |.| of each "
+                          "part's gradient, so for them the part is the unit of the estimate (1 = per sequence, as the "
+                          "paper code's per-sample Fisher). A loss_fn that is not such a mean wants 0."},
+    )
+    taylor_form: str = field(
+        default="multivariable",
+        metadata={"help": f"taylor, one of {TAYLOR_FORMS}: 'multivariable' = |sum_j W_ij dL/dW_ij| per neuron (the "
+                          "loss change when the whole neuron is removed; from the layer outputs alone), 'elementwise' "
+                          "= sum_j |W_ij dL/dW_ij| (the paper code's default, torch-pruning's multivariable=False; "
+                          "forms one layer's weight gradient at a time)."},
     )
     train_bias: bool = field(
         default=False, metadata={"help": "Also train the bias entries of the selected rows, in layers that have a bias (rows axis only)."}
+    )
+    slice_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout probability on the slice path's input (as LoRA's dropout: the frozen base still "
+                          "sees x), in training mode only; 0 = off. While training with it, layers take the generic "
+                          "(unfused) path."},
     )
     slice_dtype: str = field(
         default="float32",
         metadata={"help": f"dtype of the trainable slices, one of {SLICE_DTYPES} ('auto' = base weight dtype). "
                           "float32 keeps Adam exact while the frozen base stays bf16/4-bit."},
+    )
+    recompute_slice_inputs: bool = field(
+        default=False,
+        metadata={"help": "axis='rows': do not save each sliced projection's input for its weight gradient; rebuild it "
+                          "in backward from tensors the frozen model's own backward keeps anyway (RMSNorm input and "
+                          "scale for q/k/v and gate/up, act(gate) and up for down_proj: Llama / Mistral / Qwen2 "
+                          "structure, found in the autograd graph; checked bit-exact on first use). Other layers, "
+                          "quantized bases and activation checkpointing keep saving the input. Off until measured on "
+                          "GPU: benchmarks/run_all.py, method ours_rows_fp32_recompute."},
     )
     optimizer_state: str = field(
         default="float32",
@@ -112,6 +155,7 @@ class SparseNeuronConfig:
 
     def validate(self) -> None:
         """Raise ValueError on any invalid setting, before a model is touched."""
+        self._validate_scoring_options()
         if self.importance not in IMPORTANCE_NAMES:
             raise ValueError(f"Unknown importance {self.importance!r}; choose one of {IMPORTANCE_NAMES}.")
         if (self.neurons_per_layer is None) == (self.ratio is None):
@@ -155,10 +199,29 @@ class SparseNeuronConfig:
                                                           and all(isinstance(t, str) and t for t in tm))):
             raise ValueError(f"target_modules must be None, a regex string or a non-empty list of names, got {tm!r}.")
 
+    def _validate_scoring_options(self) -> None:
+        """The calibration, criterion and slice options of issue 20 (kept apart from validate() for easy merges)."""
+        if self.importance == "wanda" and self.calibration_batches <= 0:
+            raise ValueError(f"importance='wanda' needs calibration_batches > 0, got {self.calibration_batches}.")
+        micro = self.calibration_micro_batch_size
+        if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
+            raise ValueError(f"calibration_micro_batch_size must be an integer >= 0 (0 = whole batches), "
+                             f"got {micro!r}.")
+        if self.taylor_form not in TAYLOR_FORMS:
+            raise ValueError(f"Unknown taylor_form {self.taylor_form!r}; choose one of {TAYLOR_FORMS}.")
+        if self.taylor_form != "multivariable" and self.importance != "taylor":
+            raise ValueError(f"taylor_form={self.taylor_form!r} applies to importance='taylor' only, got "
+                             f"importance={self.importance!r}.")
+        if not (isinstance(self.slice_dropout, (int, float)) and 0.0 <= float(self.slice_dropout) < 1.0):
+            raise ValueError(f"slice_dropout must be a probability in [0, 1), got {self.slice_dropout!r}.")
+        if self.recompute_slice_inputs and self.axis != "rows":
+            raise ValueError("recompute_slice_inputs applies to axis='rows' (a column slice saves only x[..., J]), "
+                             f"got axis={self.axis!r}.")
+
     # what must agree between a checkpoint and the run resuming it: the neurons and the base they sit on
     # (optimizer state may differ only in storage)
     SELECTION_KEYS = ("importance", "neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias",
-                      "quantize_base", "double_quant", "init_from_quantization_error")
+                      "quantize_base", "double_quant", "init_from_quantization_error", "taylor_form", "head_balanced")
 
     # what a model's slices are, once they exist: a trainer given a sliced model refuses a config that differs here
     SLICE_KEYS = ("neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias")

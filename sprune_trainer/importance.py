@@ -6,11 +6,19 @@ one `score` method (Torch-Pruning's `Importance` shape), looked up by name in `I
     random        seeded uniform                                        nothing
     l1 / l2       ||W_i||_1 / ||W_i||_2                                 weights
     taylor        sum_batches |sum_j W_ij dL/dW_ij|                     backward, output hooks
-    hessian       sum_batches sum_j W_ij^2 (dL/dW_ij)^2  (OBD, diag. Fisher)  backward, output hooks
+      elementwise sum_parts sum_j |W_ij dL/dW_ij|  (taylor_form)        backward, one layer's dL/dW at a time
+    hessian       sum_parts sum_j W_ij^2 (dL/dW_ij)^2  (OBD, diag. Fisher)  backward, one layer's dL/dW at a time
     zeroth_order  taylor with an SPSA gradient estimate                 two forwards per batch, no backward
+    wanda         sum_j |W_ij| ||X_j||_2  (X_j: input feature j over all calibration tokens)  forwards only
 
 "Row i" is output neuron i of W (d_out, d_in); with `config.axis == "columns"` every criterion is the same
 with W transposed (score of input feature j sums over rows i).
+
+Each calibration batch runs in parts of `config.calibration_micro_batch_size` sequences (`calibration.py`), each
+part's loss weighted by its share of the batch's label tokens: the criteria linear in the gradient (taylor,
+zeroth_order) and wanda get exactly the whole-batch score, at the memory peak of one part. hessian and the
+elementwise taylor square / take |.| of a gradient, which needs the whole weight gradient of the unit they score:
+keeping it for every layer across parts would cost a model-sized fp32 buffer, so their unit is the part.
 
 Data-driven criteria never compute weight gradients: every parameter is frozen for the duration, the
 input-embedding output is made to require grad, and the per-layer quantities come from forward hooks
@@ -33,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import micro_batches, split_rows
 from .config import SparseNeuronConfig
 from .quantization import dequantize_weight
 
@@ -241,17 +250,20 @@ class L2Importance(NormImportance):
 class GradientImportance(Importance):
     """Shared loop of the backward-hook criteria.
 
-    Per batch, every call of a layer contributes `batch_term(layer, x, y, g)` (x: (tokens, d_in) input,
+    Per part, every call of a layer contributes `batch_term(layer, x, y, g)` (x: (tokens, d_in) input,
     y: (tokens, d_out) output, g = dL/dy (tokens, d_out), all in the model's dtype; x / y are None unless
-    `uses_input` / `uses_output`, so only what a criterion needs is kept until backward). The terms of one
-    batch are summed (a layer used several times per forward gets its full weight gradient) and
-    `finish(layer, total)` turns the sum into the batch's non-negative score increment. A layer is finished as soon as the grads of all its calls have
-    arrived, so a large per-layer term (hessian's d_out x d_in gradient) lives for one layer at a time."""
+    `uses_input` / `uses_output`, so only what a criterion needs is kept until backward, and each call lets go of
+    it as soon as its own gradient has arrived). The terms are summed (a layer used several times per forward gets
+    its full weight gradient) and `finish(layer, total)` turns the sum into a non-negative score increment:
+    over the whole batch when `linear_in_grad` (the term is linear in g, so the parts' weighted terms add up to
+    the batch's), else per part, as soon as the grads of all its calls have arrived, so a large per-layer term
+    (a d_out x d_in gradient) lives for one layer at a time."""
 
     needs_data = True
     name = "gradient"
     uses_input = True
     uses_output = False
+    linear_in_grad = False
 
     def batch_term(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -261,9 +273,9 @@ class GradientImportance(Importance):
 
     def score(self, model, layers, batches, loss_fn, progress):
         scores: dict[str, torch.Tensor] = {}
-        pending: dict[str, torch.Tensor] = {}  # summed batch_term of layers still waiting for grads
-        calls: dict[str, int] = {}  # forward calls this batch whose output requires grad
-        received: dict[str, int] = {}  # grads received this batch
+        pending: dict[str, torch.Tensor] = {}  # summed batch_term of layers not finished yet
+        calls: dict[str, int] = {}  # forward calls this part whose output requires grad
+        received: dict[str, int] = {}  # grads received this part
 
         def flush(name):
             inc = self.finish(layers[name], pending.pop(name))
@@ -274,14 +286,15 @@ class GradientImportance(Importance):
                 if not (torch.is_tensor(output) and output.requires_grad):
                     return
                 calls[name] = calls.get(name, 0) + 1
-                x = _as_2d(args[0]) if self.uses_input else None
-                y = _as_2d(output) if self.uses_output else None
+                kept = [_as_2d(args[0]) if self.uses_input else None, _as_2d(output) if self.uses_output else None]
 
                 def grad_hook(g):
+                    x, y = kept
+                    kept.clear()  # the graph may outlive this backward; these tensors must not
                     term = self.batch_term(module, x, y, _as_2d(g))
                     pending[name] = pending[name] + term if name in pending else term
                     received[name] = received.get(name, 0) + 1
-                    if received[name] == calls[name]:
+                    if not self.linear_in_grad and received[name] == calls[name]:
                         flush(name)
 
                 output.register_hook(grad_hook)
@@ -292,13 +305,14 @@ class GradientImportance(Importance):
             handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
             try:
                 for batch in _calibration(batches, self.config, self.name, progress):
-                    calls.clear()
-                    received.clear()
-                    loss = loss_fn(model, batch)
-                    if loss is None or not torch.is_tensor(loss) or not loss.requires_grad:
-                        raise _no_loss_error(self.name)
-                    loss.backward()
-                    for name in list(pending):  # a call whose output never reached the loss
+                    for part, weight in micro_batches(batch, self.config.calibration_micro_batch_size):
+                        calls.clear()
+                        received.clear()
+                        _weighted_backward(loss_fn(model, part), weight, self.name)
+                        if not self.linear_in_grad:
+                            for name in list(pending):  # a call whose output never reached the loss
+                                flush(name)
+                    for name in list(pending):
                         flush(name)
                     n_batches += 1
             finally:
@@ -310,13 +324,22 @@ class GradientImportance(Importance):
         return scores
 
 
+def _weighted_backward(loss, weight: float, criterion: str) -> None:
+    """Backward of weight * loss (the part's share of its batch's loss); the loss is dropped before the next part."""
+    if loss is None or not torch.is_tensor(loss) or not loss.requires_grad:
+        raise _no_loss_error(criterion)
+    (loss if weight == 1.0 else loss * weight).backward()
+
+
 class TaylorImportance(GradientImportance):
-    """First-order Taylor: sum over batches of |sum_j W_ij dL/dW_ij|, from the layer output alone.
+    """First-order Taylor (taylor_form='multivariable'): sum over batches of |sum_j W_ij dL/dW_ij|, from the layer
+    output alone.
 
     rows:    sum_j W_ij dL/dW_ij = sum_tokens (y_ti - b_i) g_ti           (no weight needed)
     columns: sum_i W_ij dL/dW_ij = sum_tokens x_tj (g_t @ W)_j"""
 
     name = "taylor"
+    linear_in_grad = True
 
     def __init__(self, config: SparseNeuronConfig):
         super().__init__(config)
@@ -337,18 +360,35 @@ class TaylorImportance(GradientImportance):
         return total.abs()
 
 
-class HessianImportance(GradientImportance):
-    """OBD with the diagonal Fisher: sum over batches of sum_j W_ij^2 G_ij^2, G = g^T x the batch's weight
-    gradient, formed for one layer at a time inside its grad hook."""
-
-    name = "hessian"
+class WeightGradientImportance(GradientImportance):
+    """A criterion of the weight gradient G = g^T x of one part (formed inside the layer's grad hook, one layer at
+    a time, never for all layers at once)."""
 
     def batch_term(self, layer, x, y, g):
         return g.float().t() @ x.float()  # (d_out, d_in)
 
+
+class HessianImportance(WeightGradientImportance):
+    """OBD with the diagonal Fisher: sum over parts of sum_j W_ij^2 G_ij^2."""
+
+    name = "hessian"
+
     def finish(self, layer, total):
         with dense_weight(layer) as w:
             return (w.square() * total.square()).sum(_reduce_dim(self.config))
+
+
+class ElementwiseTaylorImportance(WeightGradientImportance):
+    """Taylor with taylor_form='elementwise' (the paper code's default): sum over parts of sum_j |W_ij G_ij|.
+
+    The paper's code sums G over all calibration batches before |.|, which keeps a full gradient of every layer;
+    here |.| is taken per part (see the module doc)."""
+
+    name = "taylor"
+
+    def finish(self, layer, total):
+        with dense_weight(layer) as w:
+            return (w * total).abs().sum(_reduce_dim(self.config))
 
 
 class ZerothOrderImportance(Importance):
@@ -363,7 +403,8 @@ class ZerothOrderImportance(Importance):
     of the sum: each estimate is the true Taylor term plus zero-mean SPSA noise as large as the signal, so
     summing |estimate| would add up |noise| (biasing every row towards its norm), while the signed sum
     averages the noise out. It therefore estimates |sum_batches sum_j W_ij dL/dW_ij|, which equals taylor's
-    score when the per-batch terms keep their sign. Layers not called in a batch get no update from it."""
+    score when the per-batch terms keep their sign. Layers not called in a batch get no update from it.
+    L+- of a batch is the weighted sum of its parts' losses (same z in every part): the whole batch's loss."""
 
     needs_data = True
     name = "zeroth_order"
@@ -396,12 +437,11 @@ class ZerothOrderImportance(Importance):
                 for b, batch in enumerate(_calibration(batches, self.config, self.name, progress)):
                     state["batch"] = b
                     losses = []
+                    parts = micro_batches(batch, self.config.calibration_micro_batch_size)
                     for sign in (1.0, -1.0):
                         state["sign"] = sign
-                        loss = loss_fn(model, batch)
-                        if loss is None or not torch.is_tensor(loss):
-                            raise _no_loss_error(self.name)
-                        losses.append(loss.double().item())
+                        losses.append(sum(weight * _loss_value(loss_fn(model, part), self.name)
+                                          for part, weight in parts))
                     state["sign"] = 0.0
                     c = (losses[0] - losses[1]) / (2 * eps)
                     for name, p in proj.items():
@@ -417,6 +457,64 @@ class ZerothOrderImportance(Importance):
         return {name: a.abs() for name, a in acc.items()}
 
 
+def _loss_value(loss, criterion: str) -> float:
+    if loss is None or not torch.is_tensor(loss):
+        raise _no_loss_error(criterion)
+    return loss.double().item()
+
+
+class WandaImportance(Importance):
+    """Wanda (Sun et al. 2023; the paper code's WandAImportance): |W_ij| weighted by the norm of input feature j
+    over all calibration tokens, ||X_j||_2 = sqrt(sum_tokens x_tj^2), summed over the neuron's weights:
+
+    rows:    sum_j |W_ij| ||X_j||        columns: ||X_j|| sum_i |W_ij|
+
+    Forward passes only (no loss gradient; the loss is computed and ignored); padding positions (attention_mask
+    == 0) are left out of the norms. The paper code multiplies |W| by a per-layer sum of these norms instead,
+    which ranks rows as l1 does; this is Wanda's own per-weight metric."""
+
+    needs_data = True
+    name = "wanda"
+
+    def score(self, model, layers, batches, loss_fn, progress):
+        sumsq: dict[str, torch.Tensor] = {}  # (d_in,) fp32 sum of x_j^2 over tokens
+        state = {"mask": None}
+
+        def make_forward_hook(name):
+            def forward_hook(module, args, output):
+                x = args[0].detach()
+                x2 = x.float().square()
+                mask = state["mask"]
+                if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+                    x2 = x2 * mask.to(x2.dtype).unsqueeze(-1)
+                s = x2.reshape(-1, x.shape[-1]).sum(0)
+                sumsq[name] = sumsq[name] + s if name in sumsq else s
+            return forward_hook
+
+        n_batches = 0
+        with _scoring_mode(model, layers, need_input_grad=False), torch.no_grad():
+            handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
+            try:
+                for batch in _calibration(batches, self.config, self.name, progress):
+                    for part in split_rows(batch, self.config.calibration_micro_batch_size):
+                        mask = part.get("attention_mask")
+                        state["mask"] = mask if torch.is_tensor(mask) else None
+                        loss_fn(model, part)
+                    n_batches += 1
+            finally:
+                state["mask"] = None
+                for h in handles:
+                    h.remove()
+        if n_batches == 0:
+            raise _no_batches_error(self.name)
+        out = {}
+        for name, s in sumsq.items():
+            norm = s.sqrt()  # (d_in,)
+            with dense_weight(layers[name]) as w:
+                out[name] = w.abs() @ norm if self.config.axis == "rows" else norm * w.abs().sum(0)
+        return out
+
+
 IMPORTANCES: dict[str, type[Importance]] = {
     "random": RandomImportance,
     "l1": L1Importance,
@@ -424,7 +522,15 @@ IMPORTANCES: dict[str, type[Importance]] = {
     "taylor": TaylorImportance,
     "hessian": HessianImportance,
     "zeroth_order": ZerothOrderImportance,
+    "wanda": WandaImportance,
 }
+
+
+def criterion_for(config: SparseNeuronConfig) -> Importance:
+    """The criterion `config` asks for (taylor's form decides between its two classes)."""
+    if config.importance == "taylor" and config.taylor_form == "elementwise":
+        return ElementwiseTaylorImportance(config)
+    return IMPORTANCES[config.importance](config)
 
 
 def score_neurons(model: nn.Module, layers: dict[str, nn.Linear], config: SparseNeuronConfig,
@@ -435,16 +541,17 @@ def score_neurons(model: nn.Module, layers: dict[str, nn.Linear], config: Sparse
     Args:
         model: the model containing `layers` (left exactly as it was found).
         layers: name -> frozen base linear (weight (d_out, d_in), optional bias) inside `model`.
-        config: uses `importance`, `axis`, `calibration_batches`, `seed`, `zo_eps`.
+        config: uses `importance`, `taylor_form`, `axis`, `calibration_batches`, `calibration_micro_batch_size`,
+            `seed`, `zo_eps`.
         batches: device-placed input dicts (e.g. the train dataloader); at most `calibration_batches` are
-            taken. Needed by taylor / hessian / zeroth_order, ignored by the others.
+            taken. Needed by taylor / hessian / zeroth_order / wanda, ignored by the others.
         loss_fn: `loss_fn(model, batch) -> scalar loss`; default `model(**batch).loss`.
         progress: show a tqdm bar over the calibration batches.
 
     Returns:
         name -> 1-D float32 CPU tensor: d_out scores (axis="rows") or d_in scores (axis="columns").
     """
-    importance = IMPORTANCES[config.importance](config)
+    importance = criterion_for(config)
     scores = importance.score(model, layers, batches, loss_fn or _default_loss, progress)
     out = {}
     for name, layer in layers.items():

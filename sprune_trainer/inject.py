@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import SparseNeuronConfig
+from .config import DATA_IMPORTANCE_NAMES, SparseNeuronConfig
 from .quantization import (bnb_kind, dequantize_weight, dequantized_dtype, import_bitsandbytes, quantize_4bit,
                            requantize_like)
 from .sliced_linear import SlicedLinear, checked_index, slice_dtype_for
@@ -94,7 +94,9 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
                                  double_quant=config.double_quant)
         if name in selection:
             dtype = (slice_dtypes or {}).get(name) or slice_dtype_for(base, config.slice_dtype)
-            layer = SlicedLinear(base, selection[name], axis=config.axis, dtype=dtype, train_bias=config.train_bias)
+            layer = SlicedLinear(base, selection[name], axis=config.axis, dtype=dtype, train_bias=config.train_bias,
+                                 dropout=config.slice_dropout)
+            layer.recompute_input = config.recompute_slice_inputs
             if config.init_from_quantization_error:  # delta = (W - dequant(Q(W)))[I]
                 with torch.no_grad():
                     layer.delta.copy_(layer.select(original.weight).float() - layer.select(dequantize_weight(base)))
@@ -140,15 +142,16 @@ def quantize_with_sparse_correction(model: nn.Module, config: SparseNeuronConfig
     result trains with SparseNeuronTrainer as it is. Works in place and returns `model`."""
     config = dataclasses.replace(config, quantize_base=config.quantize_base or "nf4", init_from_quantization_error=True)
     if selection is None:
+        from .heads import head_groups
         from .importance import score_neurons
         from .selection import select_neurons
 
-        if config.importance in ("taylor", "hessian", "zeroth_order"):
+        if config.importance in DATA_IMPORTANCE_NAMES:
             raise ValueError(f"importance={config.importance!r} scores on data: pass `selection` (e.g. from "
                              "SparseNeuronTrainer) or use a weight-only criterion (l1, l2, random)")
         layers_to_quantize(model, config)  # a clear error before any scoring if the model is quantized already
-        scores = score_neurons(model, find_target_layers(model, config.target_modules), config)
-        selection = select_neurons(scores, config)
+        layers = find_target_layers(model, config.target_modules)
+        selection = select_neurons(score_neurons(model, layers, config), config, head_groups(model, layers, config))
     inject_slices(model, selection, config)
     return model
 

@@ -1,4 +1,5 @@
-"""Turn importance scores into the chosen neuron indices: per-layer top-k or one global budget."""
+"""Turn importance scores into the chosen neuron indices: per-layer top-k or one global budget, optionally the same
+number in every attention head."""
 from __future__ import annotations
 
 import torch
@@ -23,13 +24,26 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order).values
 
 
-def select_neurons(scores: dict[str, torch.Tensor], config: SparseNeuronConfig) -> dict[str, torch.Tensor]:
+def _top_per_head(scores: torch.Tensor, k: int, heads: int) -> torch.Tensor:
+    """k / heads rounded half up (at least 1) top neurons in each of `heads` equal contiguous blocks."""
+    size = scores.numel() // heads
+    per_head = min(size, max(1, (2 * k + heads) // (2 * heads)))
+    blocks = scores.reshape(heads, size)  # (heads, head_dim)
+    order = torch.sort(blocks, dim=1, descending=True, stable=True).indices[:, :per_head]
+    return torch.sort((order + torch.arange(heads).unsqueeze(1) * size).flatten()).values
+
+
+def select_neurons(scores: dict[str, torch.Tensor], config: SparseNeuronConfig,
+                   head_groups: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """name -> sorted int64 indices. Global scope spends the sum of the per-layer budgets on the layers whose
     neurons score highest after dividing each layer's scores by their mean (scales differ between layers);
-    a layer may then get none and is left out."""
+    a layer may then get none and is left out. A layer in `head_groups` (name -> heads, see heads.py) takes its
+    count (per-layer budget, or what the global budget gave it) as the same number of top neurons in every head."""
+    groups = head_groups or {}
     budgets = {name: layer_budget(s.numel(), config, name) for name, s in scores.items()}
     if config.scope == "per_layer":
-        return {name: _top(s.float(), budgets[name]) for name, s in scores.items()}
+        return {name: _top_per_head(s.float(), budgets[name], groups[name]) if name in groups
+                else _top(s.float(), budgets[name]) for name, s in scores.items()}
 
     names = list(scores)
     normed = [s.float() / s.float().mean().clamp_min(torch.finfo(torch.float32).tiny) for s in scores.values()]
@@ -40,5 +54,6 @@ def select_neurons(scores: dict[str, torch.Tensor], config: SparseNeuronConfig) 
         lo, hi = offsets[i], offsets[i + 1]
         idx = chosen[(chosen >= lo) & (chosen < hi)] - lo
         if idx.numel():
-            selection[name] = idx
+            heads = groups.get(name)
+            selection[name] = idx if heads is None else _top_per_head(normed[i], idx.numel(), heads)
     return selection

@@ -2,12 +2,16 @@
 
 rows    (the paper): delta (k, d_in) holds updates of W[I, :];  y = base(x);  y[..., I] += x @ delta.T
 columns (ours):      delta (d_out, k) holds updates of W[:, J]; y = base(x) + x[..., J] @ delta.T
+With `dropout` > 0 (training mode) the slice sees dropout(x) instead of x, as LoRA's A does.
 No dense d_out x d_in update, mask or gradient is ever allocated; the optimizer sees only `delta`."""
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
+from .recompute import input_source
 from .sliced_matmul import sliced_linear
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,9 +40,11 @@ class SlicedLinear(nn.Module):
     """Wraps `base_layer` (kept frozen, never modified unless merged) and trains `delta` on neurons `index`."""
 
     fused = True  # False: always the generic path (the reference the fused one is tested and benchmarked against)
+    # rows, fused path: rebuild the input in backward from tensors the model keeps anyway (recompute.py), not save it
+    recompute_input = False
 
     def __init__(self, base_layer: nn.Linear, index: torch.Tensor, axis: str = "rows",
-                 dtype: torch.dtype = torch.float32, train_bias: bool = False):
+                 dtype: torch.dtype = torch.float32, train_bias: bool = False, dropout: float = 0.0):
         super().__init__()
         if axis not in ("rows", "columns"):
             raise ValueError(f"axis must be 'rows' or 'columns', got {axis!r}")
@@ -46,6 +52,8 @@ class SlicedLinear(nn.Module):
         index = checked_index(index, d_out if axis == "rows" else d_in)
         if train_bias and axis != "rows":
             raise ValueError("train_bias needs axis='rows'")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
         device = base_layer.weight.device
         self.base_layer = base_layer
@@ -56,7 +64,10 @@ class SlicedLinear(nn.Module):
         self.delta = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
         self.bias_delta = nn.Parameter(torch.zeros(k, device=device, dtype=dtype)) if (
             train_bias and base_layer.bias is not None) else None
+        # on the slice path's input only (LoRA-style); nn.Dropout is the identity in eval mode
+        self.slice_dropout = nn.Dropout(dropout) if dropout > 0 else None
         self._merged_original: tuple | None = None  # exact copies of the rows/columns overwritten by merge()
+        self._recompute_checked = False
 
     # Code that inspects `layer.weight` / `layer.in_features` (HF, quantizers) keeps working on the wrapper.
     @property
@@ -82,17 +93,36 @@ class SlicedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        if self._fusable():
+        dropping = self.slice_dropout is not None and self.training
+        if not dropping and self._fusable():
             base = self.base_layer
-            return sliced_linear(x, base.weight, base.bias, self.index, self.delta, self.axis)
+            source = self._input_source(x) if self.recompute_input and self.axis == "rows" else None
+            return sliced_linear(x, base.weight, base.bias, self.index, self.delta, self.axis, source)
         y = self.base_layer(x)  # (..., d_out)
         delta = self.delta.to(x.dtype)
         if self.axis == "rows":
-            update = x @ delta.T  # (..., k)
+            update = self._dropout(x) @ delta.T  # (..., k)
             if self.bias_delta is not None:
                 update = update + self.bias_delta.to(update.dtype)
             return y.index_add(-1, self.index, update.to(y.dtype))
-        return y + (x.index_select(-1, self.index) @ delta.T).to(y.dtype)  # (..., d_out)
+        return y + (self._dropout(x.index_select(-1, self.index)) @ delta.T).to(y.dtype)  # (..., d_out)
+
+    def _input_source(self, x: torch.Tensor):
+        """recompute.input_source(x), checked bit-exact on this layer's first use (else today's path from then on)."""
+        source = input_source(x)
+        if source is not None and not self._recompute_checked:
+            with torch.no_grad():
+                exact = torch.equal(source[0](*source[1]), x)
+            self._recompute_checked = True
+            if not exact:
+                warnings.warn(f"recompute_slice_inputs: the rebuilt input of a {tuple(self.delta.shape)} slice differs "
+                              "from the one seen in forward; this layer saves its input instead", RuntimeWarning)
+                self.recompute_input = False
+                return None
+        return source
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.slice_dropout is None else self.slice_dropout(x)
 
     def _fusable(self) -> bool:
         """The fused path (sliced_matmul) reads the base weight itself, so only for a plain, hook-free dense
@@ -161,4 +191,5 @@ class SlicedLinear(nn.Module):
         self._merged_original = None
 
     def extra_repr(self) -> str:
-        return f"axis={self.axis}, k={self.index.numel()}, delta={tuple(self.delta.shape)}"
+        dropout = "" if self.slice_dropout is None else f", dropout={self.slice_dropout.p}"
+        return f"axis={self.axis}, k={self.index.numel()}, delta={tuple(self.delta.shape)}{dropout}"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .recompute import shared_rebuild
+
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
@@ -22,26 +24,29 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 class SlicedLinearFunction(torch.autograd.Function):
     """rows:    y = x @ W.T + b, then y[..., I] += x @ delta.T          delta (k, d_in); saves x
-    columns: y = x @ W.T + b + x[..., J] @ delta.T                     delta (d_out, k); saves x[..., J] only"""
+    columns: y = x @ W.T + b + x[..., J] @ delta.T                     delta (d_out, k); saves x[..., J] only
+    rows with `source` = (rebuild, tensors) (recompute.py): saves the tensors and rebuilds x from them in backward"""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index, delta, axis: str):
+    def forward(ctx, x, weight, bias, index, delta, axis: str, source=None):
         dt = x.dtype
         d = delta.to(dt)
         y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))  # (..., d_out)
         if axis == "rows":
             y.index_add_(-1, index, x @ d.T)
-            saved = x
+            saved = (x,) if source is None else source[1]
         else:
-            saved = x.index_select(-1, index)  # (..., k)
-            _flat(y).addmm_(_flat(saved), d.T)
-        ctx.save_for_backward(saved, weight, index, d)
+            saved = (x.index_select(-1, index),)  # (..., k)
+            _flat(y).addmm_(_flat(saved[0]), d.T)
+        ctx.save_for_backward(weight, index, d, *saved)
         ctx.axis, ctx.delta_dtype = axis, delta.dtype
+        ctx.rebuild = None if source is None else source[0]
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        saved, weight, index, d = ctx.saved_tensors
+        weight, index, d, *saved = ctx.saved_tensors
+        saved = saved[0] if ctx.rebuild is None else ctx.rebuild(*saved)
         rows = ctx.axis == "rows"
         g = grad_y.to(saved.dtype)
         g_k = _flat(g.index_select(-1, index)) if rows else None  # (n, k)
@@ -54,7 +59,7 @@ class SlicedLinearFunction(torch.autograd.Function):
                 grad_x.index_add_(-1, index, g @ d)
         if ctx.needs_input_grad[4]:
             grad_delta = ((g_k if rows else _flat(g)).T @ _flat(saved)).to(ctx.delta_dtype)
-        return grad_x, None, None, None, grad_delta, None
+        return grad_x, None, None, None, grad_delta, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -65,8 +70,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def sliced_linear(x, weight, bias, index, delta, axis: str) -> torch.Tensor:
-    """x @ (W + slice update).T + b through the fused functions, with autocast's casting done here."""
+def sliced_linear(x, weight, bias, index, delta, axis: str, source=None) -> torch.Tensor:
+    """x @ (W + slice update).T + b through the fused functions, with autocast's casting done here. `source`
+    (rows only): how x itself is rebuilt from tensors kept anyway (recompute.py), once for all slices reading x,
+    cast included."""
     dt = compute_dtype(x)
+    if source is not None:
+        source = shared_rebuild(x, source, dt)
     with torch.autocast(x.device.type, enabled=False):
-        return SlicedLinearFunction.apply(x.to(dt), weight, bias, index, delta, axis)
+        return SlicedLinearFunction.apply(x.to(dt), weight, bias, index, delta, axis, source)

@@ -22,7 +22,8 @@ from .checkpoint import (adapter_state, copy_adapter_into, check_adapter_fits, i
                          read_sparse_adapter, save_sparse_adapter)
 from .checkpoint_dirs import (last_complete_checkpoint, marked_complete_after_trainer_state,
                               require_complete_checkpoint, unmark_complete)
-from .config import SparseNeuronConfig
+from .config import DATA_IMPORTANCE_NAMES, SparseNeuronConfig
+from .heads import head_groups
 from .importance import score_neurons
 from .inject import config_for_model, inject_slices, layers_to_quantize, sliced_modules
 from .nonfinite import NonFiniteGuardMixin
@@ -36,7 +37,7 @@ from .zero3 import gathered, model_is_partitioned
 
 logger = logging.get_logger(__name__)
 
-NEEDS_DATA = ("taylor", "hessian", "zeroth_order")
+NEEDS_DATA = DATA_IMPORTANCE_NAMES
 
 
 class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
@@ -74,8 +75,10 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
     # ---- selection and surgery -------------------------------------------------------------------------
     def _check_budgets(self) -> None:
         cfg = self.sparse_config
-        for name, layer in find_target_layers(self.model, cfg.target_modules).items():
+        layers = find_target_layers(self.model, cfg.target_modules)
+        for name, layer in layers.items():
             layer_budget(layer.out_features if cfg.axis == "rows" else layer.in_features, cfg, name)
+        head_groups(self.model, layers, cfg)  # head_balanced without heads to balance: fail before scoring
         if cfg.importance in NEEDS_DATA and self.train_dataset is None:
             raise ValueError(f"importance={cfg.importance!r} scores neurons on training batches: pass train_dataset")
         layers_to_quantize(self.model, cfg)  # quantize_base / low-error init on an already quantized model
@@ -149,7 +152,7 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
         scores = _sum_over_ranks(scores, self.args.device)
         if self.is_world_process_zero():
             warn_unscored_layers(scores, cfg.importance)
-        return _same_on_every_rank(select_neurons(scores, cfg))
+        return _same_on_every_rank(select_neurons(scores, cfg, head_groups(self.model, layers, cfg)))
 
     def _calibration_loss(self, model, batch) -> torch.Tensor:
         try:

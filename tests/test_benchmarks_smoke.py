@@ -111,10 +111,11 @@ def test_smoke_run_writes_consistent_results(tmp_path):
     assert floor["tps_x_floor"] == 1.0 and floor["mem_x_floor"] is None  # no memory statistics on CPU
     for r in runs:
         assert r["tps_x_floor"] == pytest.approx(r["tokens_per_s"] / floor["tokens_per_s"])
-    scoring = {s["criterion"]: s for s in doc["scoring"]}
-    assert set(scoring) == {"l2", "taylor"}
-    assert scoring["l2"]["batches_measured"] == 0
-    taylor = scoring["taylor"]
+    scoring = {(s["criterion"], s["micro_batch_size"]): s for s in doc["scoring"]}
+    assert set(scoring) == {("l2", 0), ("taylor", 0), ("taylor", 1)}  # weight-only criteria are not split
+    assert scoring[("l2", 0)]["batches_measured"] == 0
+    assert all("peak_x_training" not in s for s in doc["scoring"])  # no memory statistics on CPU
+    taylor = scoring[("taylor", 1)]
     assert taylor["batches_measured"] == 2 and taylor["target_batches"] == 50
     assert taylor["seconds_extrapolated"] == pytest.approx(
         taylor["setup_s"] + taylor["first_batch_s"] + 49 * taylor["per_batch_s"])
@@ -156,3 +157,15 @@ def test_op_counts_show_the_batched_optimizer_and_fused_backward():
     assert rows[("ours_rows_fp32", True)]["backward"] < rows[("ours_rows_fp32_unfused", False)]["backward"]
     assert rows[("ours_cols_fp32", True)]["backward"] < rows[("ours_cols_fp32_unfused", False)]["backward"]
     assert rows[("floor", True)]["optimizer"] == 0
+
+
+def test_saved_bytes_reports_rows_recompute_and_columns_against_the_floor(tmp_path):
+    from benchmarks import saved_bytes
+    out = saved_bytes.main(["--shape", "tiny", "--layers", "2", "--tokens", "32", "--out", str(tmp_path / "s.json")])
+    per = out["per_token_layer"]
+    assert json.loads((tmp_path / "s.json").read_text())["per_token_layer"] == per
+    # tiny: hidden 256, intermediate 512, r = 64; per layer the slices keep a bf16 copy of each delta
+    deltas = 64 * (6 * 256 + 512) * 2 / 32
+    inputs = (2 * 256 + 512) * 2  # the q/k/v and gate/up norm outputs and down_proj's input, bf16, per token
+    assert per["ours_rows_fp32_recompute"] - per["floor"] == pytest.approx(deltas, rel=0.02)
+    assert per["ours_rows_fp32"] - per["ours_rows_fp32_recompute"] == pytest.approx(inputs, rel=0.02)
