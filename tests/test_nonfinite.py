@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from conftest import TokenDataset, tiny_model
 from nonfinite_injection import inject_nonfinite
+from test_trainer import _args as trainer_args
 from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, save_sparse_adapter
 from sprune_trainer.checkpoint import META_NAME, WEIGHTS_NAME, _sha256, metadata_digest
 from sprune_trainer.nonfinite import NonFiniteGuardMixin, NonFiniteTrainingError
@@ -20,12 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _args(out, **kw):
-    base = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
-                lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, seed=11,
-                dataloader_num_workers=0)
-    base.update(kw)
-    return TrainingArguments(**base)
+    """test_trainer's CPU arguments, with a decaying schedule and clipping on (the guard must leave both consistent)."""
+    return trainer_args(out, **{"max_steps": 6, "lr_scheduler_type": "linear", "max_grad_norm": 1.0, **kw})
 
 
 def _trainer(out, cfg=None, **kw):
