@@ -95,10 +95,9 @@ def test_run_list_order_picks_slots_and_solo():
     # no pick yet: the first candidate
     assert QWEN15.test_runs(cfgs, lrs, {}, seeds=[1])[-1].config.name == "sparse_random_per_layer_columns"
     assert [QWEN15.run_slots(r.config) for r in test[:3]] == [1, 3, 1]
-    solo = QWEN15.solo_runs(cfgs, None)  # before tuning: both columns candidates, no zero-shot
+    solo = QWEN15.solo_runs(cfgs)  # both columns candidates (no tuning needed), no zero-shot
     assert [r.config.name for r in solo][-2:] == ["sparse_random_per_layer_columns", "sparse_taylor_per_layer_columns"]
     assert len(solo) == 9 and all(r.seed == 1 and r.lr == QWEN15.default_lr(r.config.family) for r in solo)
-    assert len(QWEN15.solo_runs(cfgs, {"sparse_columns": "sparse_taylor_per_layer_columns"})) == 8
 
 
 def _dry_run(capsys, argv) -> dict:
@@ -203,7 +202,8 @@ def tiny_qwen(tmp_path_factory):
     common = ["--study", "qwen15", "--smoke", "--parallel", "2", "--out", str(out), "--model_name_or_path", model,
               "--data_dir", data, "--max_train_samples", "8"]
     all_phases = sweep.main(common + ["--phase", "all", "--only", "columns|zero_shot"], t0=time.time())
-    solo = sweep.main(common + ["--phase", "solo", "--only", "columns"], t0=time.time())
+    picked = json.loads((out / "tuned_lr.json").read_text())["families"]["sparse_columns"]["config"]
+    solo = sweep.main(common + ["--phase", "solo", "--only", picked], t0=time.time())
     return {"out": out, "model": model, "all": all_phases, "solo": solo}
 
 
@@ -223,7 +223,7 @@ def test_smoke_tunes_picks_tests_and_measures_alone(tiny_qwen):
     assert tuned["config"] == best and tuned["val_average"] == vals[best]
     pick = f"test-{best}-lr3e-4-s1"
     assert sorted(tiny_qwen["all"]["stats"]["test"].finished) == sorted([pick, "test-zero_shot-s1"])
-    assert list(tiny_qwen["solo"]["stats"]["solo"].finished) == [f"solo-{best}-lr3e-4-s1"]
+    assert list(tiny_qwen["solo"]["stats"]["solo"].finished) == [f"solo-{best}-lr3e-4-s1"]  # --only the pick
     solo_res = _results(out, f"solo-{best}-lr3e-4-s1")
     assert "after" not in solo_res and solo_res["training"]["steps"] == 2  # --solo_steps 2 under --smoke
     shape = grid.LlamaShape.from_model_dir(tiny_qwen["model"])

@@ -92,10 +92,11 @@ class Study:
         budget cut leaves every config covered with fewer seeds."""
         return [Run("test", c, s, self._lr(c, lrs)) for s in seeds for c in self.test_configs(cfgs, picks, smoke)]
 
-    def solo_runs(self, cfgs: Mapping[str, Config], picks: Optional[Mapping[str, str]]) -> list[Run]:
-        """Every trained test config alone on the device (peak memory, tokens/s, scoring time), seed 1, at its
-        grid's middle lr (memory and speed do not depend on it); picks None (not tuned yet): every candidate."""
-        return [Run("solo", c, grid.TUNE_SEED, self.default_lr(c.family)) for c in self._resolve(cfgs, picks)
+    def solo_runs(self, cfgs: Mapping[str, Config]) -> list[Run]:
+        """Every trained test config alone on the device (peak memory, tokens/s, scoring time), every candidate of
+        a picked family (so that the solo phase needs no finished tuning), seed 1, at its grid's middle lr (memory
+        and speed do not depend on it)."""
+        return [Run("solo", c, grid.TUNE_SEED, self.default_lr(c.family)) for c in self._resolve(cfgs, None)
                 if c.family in self.lr_grids]
 
     def run_slots(self, config: Config) -> int:

@@ -103,7 +103,7 @@ def parse_args(argv=None):
                     help="configs, lr grids, data sizes and targets (studies.py)")
     ap.add_argument("--phase", choices=("tune", "test", "all", "solo"), default="all")
     ap.add_argument("--model_name_or_path", required=True, help="local model folder (its config.json sizes "
-                                                                "the sparse budgets; SmolLM2-135M's if absent)")
+                                                                "the sparse budgets; the study's model shape if absent)")
     ap.add_argument("--data_dir", required=True, help="LLM-Adapters folder: train/*.json[.gz], test/*.json[.gz]")
     for name, (study, smoke) in DEFAULTS.items():
         own = "".join(f"; {s.name} {s.defaults[name]}" for s in studies.STUDIES.values() if name in s.defaults)
@@ -272,7 +272,7 @@ def main(argv=None, t0: Optional[float] = None) -> dict:
                 raise SystemExit(f"--phase test needs {tuned_path}: run --phase tune (or all) first.")
             run_phase("test", study.test_runs(cfgs, lrs, picks or {}, args.seeds, args.smoke))
         if args.phase == "solo":  # one run at a time: alone on the device
-            run_phase("solo", study.solo_runs(cfgs, picks), parallel=1)
+            run_phase("solo", study.solo_runs(cfgs), parallel=1)
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         if args.dry_run:
