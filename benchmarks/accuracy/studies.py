@@ -39,7 +39,7 @@ class Study:
     #                                               None: every config
     smoke_sparse: Optional[tuple[tuple[str, str, str], ...]] = None  # --smoke: the sparse configs tested
     defaults: Mapping[str, Any] = field(default_factory=dict)  # sweep options whose study value differs
-    targets: tuple[tuple[str, str, float], ...] = ()  # (comparison, reference config, required margin, points)
+    targets: tuple[tuple[str, str, float], ...] = ()  # (comparison, reference config, required margin in points)
     slots: Mapping[str, int] = field(default_factory=dict)  # family -> parallel slots a run takes (default 1)
     checks_training: bool = False                 # the aggregate refuses / flags runs that did not train
     phases: tuple[str, ...] = ("test", "tune")    # the aggregate's phases ("solo": memory / speed runs)
