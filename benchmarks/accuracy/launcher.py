@@ -1,9 +1,16 @@
-"""Run many commands as subprocesses, P at a time, resumably and within a time budget.
+"""Run many commands as subprocesses, P slots at a time, resumably and within a time budget.
 
+- A job takes `slots` of the P (default 1; e.g. a run that needs three times the GPU memory takes 3); jobs start
+  in order, so a big one waits until enough slots are free.
 - A job whose `<run_dir>/results.json` (or its gzipped copy, run_results.py) exists is skipped (a crash or a
   timeout loses nothing finished).
-- `time_budget_s`: no job is launched once `elapsed + estimate` would exceed it, the estimate being the mean
-  duration of the jobs finished so far (of the same phase when there are some); running jobs are left alone.
+- `time_budget_s`: no job is launched once `elapsed + estimate` would exceed it, the estimate being the longest
+  duration of the jobs finished so far (of the same phase when there are some; the longest, not the mean, since a
+  short job, e.g. an evaluation-only one, would let a long one start that the deadline then kills); running jobs
+  are left alone.
+- A job that failed (non-zero exit, not killed by us) gets a line in `<run_dir>/failures.txt`; with
+  `max_failures`, a job that failed that often is not launched again (`given_up`: a deterministic failure, e.g. a
+  diverged run, would otherwise take its GPU share in every call; delete the file to retry it).
 - `deadline_s`: the hard stop; jobs still running then are killed (SIGTERM, then SIGKILL, by pid); a job
   also dies with the launching process (Linux: PR_SET_PDEATHSIG).
 - One log line per finished job (name, seconds, the caller's summary) to stdout and the log file.
@@ -21,6 +28,8 @@ from typing import Callable, Optional
 
 from benchmarks.accuracy import run_results
 
+FAILURES = "failures.txt"  # one line per failed attempt of a run
+
 
 @dataclass
 class Job:
@@ -28,11 +37,18 @@ class Job:
     argv: list[str]
     run_dir: Path
     meta: dict = field(default_factory=dict)   # written to <run_dir>/run.json at launch ("phase" used for estimates)
+    slots: int = 1                             # of run_jobs' `parallel`
 
     @property
     def finished(self) -> bool:
         """The run left its results (run_results.py: plain as written, or gzipped as committed)."""
         return run_results.find(self.run_dir) is not None
+
+    @property
+    def failures(self) -> int:
+        """How often it failed (lines of <run_dir>/failures.txt)."""
+        path = self.run_dir / FAILURES
+        return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
 class SweepLog:
@@ -56,12 +72,13 @@ class Stats:
     failed: dict[str, int] = field(default_factory=dict)       # name -> exit code
     killed: list[str] = field(default_factory=list)
     not_launched: list[str] = field(default_factory=list)
+    given_up: list[str] = field(default_factory=list)          # failed max_failures times before: not launched
 
 
 def _estimate(durations: list[tuple[str, float]], phase: Optional[str]) -> Optional[float]:
     same = [d for p, d in durations if p == phase]
     pool = same or [d for _, d in durations]
-    return sum(pool) / len(pool) if pool else None
+    return max(pool) if pool else None
 
 
 def _kill(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
@@ -89,20 +106,26 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Optional[dict] = None,
              time_budget_s: Optional[float] = None, deadline_s: Optional[float] = None,
              summary: Callable[[Job], str] = lambda job: "", cwd: Optional[str] = None,
-             history: Optional[list[tuple[str, float]]] = None, poll_s: float = 0.2) -> Stats:
-    """Run `jobs` in order, at most `parallel` at once. `history` (phase, seconds) of earlier finished jobs
-    seeds the duration estimate and is extended with this call's. Running jobs are killed on the way out
-    of an exception (KeyboardInterrupt included)."""
+             history: Optional[list[tuple[str, float]]] = None, poll_s: float = 0.2,
+             max_failures: Optional[int] = None) -> Stats:
+    """Run `jobs` in order, at most `parallel` slots at once (a job wider than that takes them all). `history`
+    (phase, seconds) of earlier finished jobs seeds the duration estimate and is extended with this call's.
+    Running jobs are killed on the way out of an exception (KeyboardInterrupt included)."""
     stats = Stats()
     history = history if history is not None else []
     pending = []
     for job in jobs:
         if job.finished:
             stats.done_before.append(job.name)
+        elif max_failures is not None and job.failures >= max_failures:
+            stats.given_up.append(job.name)
         else:
             pending.append(job)
     if stats.done_before:
         log(f"{len(stats.done_before)} of {len(jobs)} runs already have results.json: skipped")
+    if stats.given_up:
+        log(f"{len(stats.given_up)} runs failed {max_failures} times before, not launched again (their "
+            f"{FAILURES}): {stats.given_up}")
     running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
     stop_reason = None
     try:
@@ -126,10 +149,14 @@ def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Opti
                     log(f"done {name}  {secs:.1f} s  {summary(job)}".rstrip())
                 else:
                     stats.failed[name] = proc.returncode
+                    with open(job.run_dir / FAILURES, "a") as f:
+                        f.write(f"exit code {proc.returncode} after {secs:.0f} s\n")
                     log(f"FAILED {name}  {secs:.1f} s  exit code {proc.returncode} (see {job.run_dir / 'log.txt'})")
             # launches
-            while pending and len(running) < parallel and stop_reason is None:
+            while pending and stop_reason is None:
                 job = pending[0]
+                if sum(min(j.slots, parallel) for j, _, _ in running.values()) + min(job.slots, parallel) > parallel:
+                    break
                 est = _estimate(history, job.meta.get("phase"))
                 elapsed = time.time() - t0
                 if time_budget_s is not None and elapsed + (est or 0.0) > time_budget_s:

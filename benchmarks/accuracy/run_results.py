@@ -33,6 +33,13 @@ def read(run_dir: str | Path) -> Optional[dict]:
         return json.load(f)
 
 
+def evaluation(results: dict, extra: bool = False) -> Optional[dict]:
+    """A run's evaluation (the recipe's evaluate_all output) after training, or before it for a run that trained
+    nothing (the zero-shot config); extra: that of the --extra_eval sets."""
+    suffix = "_extra" if extra else ""
+    return results.get("after" + suffix) or (None if results.get("training") else results.get("before" + suffix))
+
+
 def pack(run_dir: str | Path) -> Optional[Path]:
     """results.json -> results.json.gz (same content; mtime 0 in the header, so packing again gives the same
     bytes); the plain file is removed. Returns the packed file, or None when there was no plain one."""
