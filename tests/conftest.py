@@ -17,6 +17,24 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**kw)
 
 
+# Widths bitsandbytes' 4-bit CPU inference takes: on an AVX512-BF16 CPU the first eval forward without grad repacks
+# the codes in place (absmax as out_features x in_features/64, rows in tiles of 32), so every quantized layer needs
+# in_features a multiple of the 64-weight block and out_features a multiple of 32 (head_dim 16: k/v out 32).
+QUANTIZABLE_WIDTHS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+def tiny_quantizable_llama_config(**overrides):
+    return tiny_llama_config(**{**QUANTIZABLE_WIDTHS, **overrides})
+
+
+def llama_projection_shapes(config) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each decoder layer's q/k/v/o/gate/up/down projection, from the config's widths."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
 def tiny_model(config=None, seed=0, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)

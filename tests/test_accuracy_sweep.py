@@ -22,7 +22,7 @@ from benchmarks.accuracy import grid, sweep, tuning  # noqa: E402
 from benchmarks.accuracy.studies import SMOLLM2  # noqa: E402
 from benchmarks.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
 from test_recipe_commonsense import make_tokenizer  # noqa: E402
-from test_recipe_llama_commonsense import LORA_R2, _records  # noqa: E402
+from test_recipe_llama_commonsense import CONFIG as RECIPE_TEST_CONFIG, LORA_R2, _records  # noqa: E402
 
 # the tiny model of this file: hidden 64, intermediate 128, 2 layers, 4 heads / 2 kv heads of 16
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -48,7 +48,7 @@ def test_budget_neurons_match_lora_r16_on_smollm2():
     assert cfgs["sparse_l2_per_layer_columns"].expected_params == grid.sparse_params(s, 31, "columns")
     assert cfgs["sparse_l2_global_columns"].expected_params is None  # depends on the selection
     # the recipe test's independently written LoRA r=2 count of its 2-layer model
-    assert grid.lora_params(grid.LlamaShape(32, 64, 2, 4, 2, 8), 2) == LORA_R2
+    assert grid.lora_params(grid.LlamaShape.from_config(RECIPE_TEST_CONFIG.to_dict()), 2) == LORA_R2
 
 
 def test_run_list_counts_order_and_flags():

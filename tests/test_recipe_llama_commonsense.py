@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from conftest import llama_projection_shapes, tiny_quantizable_llama_config  # noqa: E402
 from test_recipe_commonsense import ROWS, fake_olmo_dir, make_tokenizer  # noqa: E402,F401 (fixture)
 
 from commonsense import sources, tasks as T  # noqa: E402
@@ -29,20 +30,25 @@ def _records(task, n, start=0):
              .replace("Please", f"Item {i}. Please")} for i in range(start, start + n)]
 
 
-# LoRA r=2 on q/k/v/o/gate/up/down (d_in, d_out) of the 2-layer test model: r * (d_in + d_out) each
-LORA_R2 = 2 * 2 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + (32 + 64) + (32 + 64) + (64 + 32))
+# The test model: 2 layers at widths bitsandbytes' packed CPU 4-bit path takes (the --load_in_4bit runs evaluate).
+# Trainable counts over its q/k/v/o/gate/up/down (d_in, d_out): LoRA r=2 trains r * (d_in + d_out) each, DoRA
+# adds one magnitude per output feature, 2 sparse rows train 2 * d_in.
+CONFIG = tiny_quantizable_llama_config()
+SHAPES = llama_projection_shapes(CONFIG).values()
+LORA_R2 = CONFIG.num_hidden_layers * 2 * sum(d_in + d_out for d_in, d_out in SHAPES)
+DORA_R2 = LORA_R2 + CONFIG.num_hidden_layers * sum(d_out for _, d_out in SHAPES)
+SPARSE_ROWS_2 = CONFIG.num_hidden_layers * 2 * sum(d_in for d_in, _ in SHAPES)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     tok = make_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = tiny_quantizable_llama_config(vocab_size=len(tok), max_position_embeddings=512,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id)
     model_dir = root / "tiny-llama"
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
@@ -88,8 +94,7 @@ def test_recipe_end_to_end_lora(setup, tmp_path):
     out = tmp_path / "lora"
     res = _run(setup, out, "--method", "lora", "--lora_r", "2", "--lora_alpha", "4")
     _check_run(setup, res, out)
-    # LoRA r=2 on exactly q/k/v/o/gate/up/down of 2 layers: r * (d_in + d_out) each
-    assert res["training"]["trainable_params"] == LORA_R2
+    assert res["training"]["trainable_params"] == LORA_R2  # exactly q/k/v/o/gate/up/down of 2 layers
     assert (out / "adapter" / "adapter_config.json").is_file()
     # eval-only run from the saved adapter reproduces the fine-tuned predictions
     again = _run(setup, tmp_path / "lora_eval", "--method", "lora", "--do_train", "false", "--no_eval_before",
@@ -104,8 +109,7 @@ def test_recipe_other_methods_train_what_they_should(setup, tmp_path, method):
     res = _run(setup, tmp_path / method, "--method", method, "--lora_r", "2", "--no_eval_before",
                "--learning_rate", "1e-4")
     total = res["training"]["base_model_params"]
-    # DoRA = LoRA + one magnitude per output feature of each adapted layer; full = every weight
-    expected = {"dora": LORA_R2 + 2 * (32 + 16 + 16 + 32 + 64 + 64 + 32), "full": total}[method]
+    expected = {"dora": DORA_R2, "full": total}[method]  # full: every weight
     assert res["training"]["trainable_params"] == expected and res["training"]["steps"] == 2
     assert list(res["after"]["tasks"]) == ["boolq", "piqa"]
 
@@ -115,8 +119,7 @@ def test_recipe_end_to_end_sparse(setup, tmp_path):
     out = tmp_path / "sparse"
     res = _run(setup, out, "--method", "sparse", "--neurons_per_layer", "2", "--importance", "l2")
     _check_run(setup, res, out)
-    # 2 rows x d_in of q/k/v/o/gate/up (d_in 32) and down (d_in 64), 2 layers: the slices and nothing else
-    assert res["training"]["trainable_params"] == 2 * (6 * 2 * 32 + 2 * 64)
+    assert res["training"]["trainable_params"] == SPARSE_ROWS_2  # the slices and nothing else
     assert res["args"]["sparse"]["neurons_per_layer"] == 2
     again = _run(setup, tmp_path / "sparse_eval", "--method", "sparse", "--do_train", "false", "--no_eval_before",
                  "--adapter_dir", str(out / "adapter"))
@@ -142,7 +145,7 @@ def _skip_without_4bit():
 
 
 @pytest.mark.skipif(not HAVE_TRAINER, reason=WHY)
-@pytest.mark.parametrize("method, trained", [("sparse", 2 * (6 * 2 * 32 + 2 * 64)), ("lora", LORA_R2)])
+@pytest.mark.parametrize("method, trained", [("sparse", SPARSE_ROWS_2), ("lora", LORA_R2)])
 def test_recipe_on_a_4bit_base(setup, tmp_path, method, trained):
     """--load_in_4bit: the base loads as NF4 (bitsandbytes CPU backend here), sparse trains its slices over it and
     LoRA becomes QLoRA; both train exactly their adapter and evaluate before and after."""
@@ -169,7 +172,7 @@ def test_recipe_quantize_base_with_exact_rows(setup, tmp_path):
     _skip_without_4bit()
     res = _run(setup, tmp_path / "qb", "--method", "sparse", "--neurons_per_layer", "2", "--dtype", "float32",
                "--quantize_base", "nf4", "--init_from_quantization_error", "true", "--no_eval_before")
-    assert res["training"]["trainable_params"] == 2 * (6 * 2 * 32 + 2 * 64) and res["training"]["steps"] == 2
+    assert res["training"]["trainable_params"] == SPARSE_ROWS_2 and res["training"]["steps"] == 2
     assert res["args"]["sparse"]["quantize_base"] == "nf4" and list(res["after"]["tasks"]) == ["boolq", "piqa"]
 
 
