@@ -101,6 +101,7 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
                 with torch.no_grad():
                     layer.delta.copy_(layer.select(original.weight).float() - layer.select(dequantize_weight(base)))
             wrapped[name] = base = layer
+        base.train(original.training)  # a model in eval mode stays so: no slice dropout, bnb's inference kernels
         setattr(parent, child, base)
     setattr(model, CONFIG_ATTR, config)
     if hasattr(model, "save_pretrained"):

@@ -156,3 +156,21 @@ def test_second_injection_is_refused():
     with pytest.raises(ValueError, match="already has"):
         inject_slices(model, _random_selection(tiny_model()), CFG)
     assert all(isinstance(m, SlicedLinear) for m in sliced_modules(model).values())
+
+
+def test_slices_take_the_mode_of_the_layer_they_replace(tmp_path, batches):
+    """A model in eval mode stays in eval mode after load_sparse_adapter: slice dropout off, deterministic logits."""
+    cfg = SparseNeuronConfig(neurons_per_layer=4, importance="random", slice_dropout=0.5)
+    trained = tiny_model()
+    inject_slices(trained, {n: torch.arange(4) for n in find_target_layers(trained, None)}, cfg)
+    with torch.no_grad():
+        for layer in sliced_modules(trained).values():
+            layer.delta.normal_()
+    save_sparse_adapter(trained, tmp_path / "adapter")
+    ids = batches[0]["input_ids"]
+    loaded = load_sparse_adapter(tiny_model(), str(tmp_path / "adapter"))  # tiny_model() is in eval mode
+    assert not any(m.training for m in loaded.modules())
+    assert torch.equal(loaded(ids).logits, loaded(ids).logits)
+    assert torch.equal(loaded(ids).logits, trained.eval()(ids).logits)
+    training = load_sparse_adapter(tiny_model().train(), str(tmp_path / "adapter"))
+    assert all(m.training for m in sliced_modules(training).values())
