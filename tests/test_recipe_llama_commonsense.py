@@ -2,6 +2,7 @@
 BPE tokenizer trained here) and a tiny LLM-Adapters folder, on CPU: evaluate, fine-tune, save, evaluate;
 then reload the saved adapter in an eval-only run and get the same predictions."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -127,13 +128,22 @@ def test_recipe_end_to_end_sparse(setup, tmp_path):
            [s["output"] for t in res["after"]["tasks"].values() for s in t["samples"]]
 
 
-def test_recipe_rejects_unknown_task_before_loading_a_model(setup, tmp_path):
+def _usage_error(capsys, *argv) -> str:
+    """main(argv) must stop as argparse does (exit code 2) and say why on one line: that line."""
     import llama_commonsense
-    with pytest.raises(ValueError, match=r"Unknown task\(s\) \['hellaswag'\]"):
-        llama_commonsense.main(["--model_name_or_path", str(tmp_path / "no-model"), "--data_dir", setup["data"],
-                                "--tasks", "hellaswag", "--output_dir", str(tmp_path / "o")])
-    with pytest.raises(FileNotFoundError, match="not a folder"):
-        llama_commonsense.main(["--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as stop:
+        llama_commonsense.main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 2 and err[0].startswith("usage:"), err
+    return err[1]
+
+
+def test_recipe_rejects_unknown_task_before_loading_a_model(setup, tmp_path, capsys):
+    assert re.search(r"error: Unknown task\(s\) \['hellaswag'\]", _usage_error(
+        capsys, "--model_name_or_path", str(tmp_path / "no-model"), "--data_dir", setup["data"],
+        "--tasks", "hellaswag", "--output_dir", str(tmp_path / "o")))
+    assert "not a folder" in _usage_error(capsys, "--data_dir", str(tmp_path / "missing"),
+                                          "--output_dir", str(tmp_path / "o"))
 
 
 def _skip_without_4bit():
@@ -162,9 +172,9 @@ def test_recipe_on_a_4bit_base(setup, tmp_path, method, trained):
     assert count_parameters(model)[1] == res["training"]["base_model_params"] == count_parameters(full_precision)[1]
 
 
-def test_recipe_rejects_full_ft_of_a_quantized_base(setup, tmp_path):
-    with pytest.raises(ValueError, match="cannot train quantized"):
-        _run(setup, tmp_path / "x", "--method", "full", "--load_in_4bit", "true")
+def test_recipe_rejects_full_ft_of_a_quantized_base(setup, tmp_path, capsys):
+    assert "cannot train quantized" in _usage_error(capsys, "--model_name_or_path", setup["model"], "--data_dir",
+                                                    setup["data"], "--method", "full", "--load_in_4bit", "true")
 
 
 @pytest.mark.skipif(not HAVE_TRAINER, reason=WHY)
@@ -192,10 +202,8 @@ def test_recipe_extra_eval_adds_olmo_validation_sets(setup, tmp_path, fake_olmo_
     assert res["data"]["eval_examples"] == {"boolq": 3, "piqa": 3, "olmo_hellaswag": 3, "olmo_ARC-Challenge": 3}
 
 
-def test_recipe_extra_eval_refuses_repeats_of_the_test_files_and_other_sources(setup, tmp_path, fake_olmo_dir,
-                                                                               monkeypatch):
-    monkeypatch.setattr(sources, "olmo_datasets_dir", lambda cache_dir=None, download=True: fake_olmo_dir)
-    with pytest.raises(ValueError, match="LLM-Adapters test files"):
-        _run(setup, tmp_path / "a", "--method", "lora", "--extra_eval", "hellaswag,piqa")
-    with pytest.raises(ValueError, match="needs --data_source local"):
-        _run(setup, tmp_path / "b", "--method", "lora", "--extra_eval", "hellaswag", "--validation_per_task", "1")
+def test_recipe_extra_eval_refuses_repeats_of_the_test_files_and_other_sources(setup, capsys):
+    base = ("--model_name_or_path", setup["model"], "--data_dir", setup["data"], "--method", "lora")
+    assert "LLM-Adapters test files" in _usage_error(capsys, *base, "--extra_eval", "hellaswag,piqa")
+    assert "needs --data_source local" in _usage_error(capsys, *base, "--extra_eval", "hellaswag",
+                                                       "--validation_per_task", "1")

