@@ -26,8 +26,9 @@ class SparseNeuronTRLMixin(SparseNeuronMixin):
 
     def __init__(self, *args, peft_config=None, **kwargs):
         if peft_config is not None:
-            raise ValueError(f"{type(self).__name__} trains sparse-neuron slices; peft_config={type(peft_config).__name__} "
-                             "would add a PEFT adapter next to them: pass sparse_config only")
+            raise ValueError(f"{type(self).__name__} trains sparse-neuron slices; "
+                             f"peft_config={type(peft_config).__name__} would add a PEFT adapter next to them: "
+                             "pass sparse_config only")
         super().__init__(*args, **kwargs)
 
     def _select_neurons(self):

@@ -79,8 +79,10 @@ def test_recipe_table_shows_the_ranked_accuracy():
     res = {"tasks": {"piqa": {"accuracy": 0.0, "choice_accuracy": 0.75, "n": 4, "chance": 0.5}}, "average": 0.0,
            "choice_average": 0.75, "chance_average": 0.5}
     lines = format_table(None, res).splitlines()
-    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["task", "n", "chance", "after", "ranked after"]
-    assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["average", "4", "50.0", "0.0", "75.0"]
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["task", "n", "chance", "generation after",
+                                                              "ranked after"]
+    assert [c.strip() for c in lines[3].split("|")[1:-1]] == ["average", "4", "50.0", "0.0 [0.0, 49.0]",
+                                                              "75.0 [30.1, 95.4]"]  # 95% Wilson intervals
 
 
 def test_ranking_can_be_switched_off(model, tok):

@@ -7,6 +7,9 @@ prompting         LLM-Adapters prompt template, tokenization with the prompt mas
 evaluation        batched greedy generation, answer extraction, accuracy through `evaluate`
 evaluate_metrics  the accuracy metric script `evaluate.load` reads offline
 modeling          model + tokenizer loading (hub id, local dir, .gguf, or the offline SmolLM2 default), methods
-report            per-task table, results JSON, before/after plot
+report            per-task table with 95% intervals and noise marks, verdict lines, results JSON, before/after plot
+stats             Wilson intervals, the exact McNemar test of a before/after change on the same items
+cli               the command line: flag groups in --help, one-line errors with exit code 2
+arg_checks        the flags' choices, ranges and combinations, and the files they name, checked before loading
 cache, progress   where fetched wheels / the converted model live; progress bars on/off
 """
