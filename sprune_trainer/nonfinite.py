@@ -66,6 +66,7 @@ class NonFiniteGuard:
         self._loss_bad: Optional[torch.Tensor] = None
         self._grad_norm: Optional[torch.Tensor] = None
         self._decided = False                # decide() ran for the step in progress
+        self.step_source = None              # () -> optimizer steps done before this one (Trainer: global_step)
 
     # ---- inputs of the decision ---------------------------------------------------------------------
     def note_loss(self, loss: torch.Tensor) -> None:
@@ -121,7 +122,7 @@ class NonFiniteGuard:
 
     def _record(self, skip: bool) -> None:
         self.reset_pending()  # the next step starts with clean flags, whoever decided this one
-        self.step_number += 1
+        self.step_number = self.step_source() + 1 if self.step_source is not None else self.step_number + 1
         self._decided = True
         self.last_step_skipped = skip
         if not skip:
@@ -233,6 +234,7 @@ class NonFiniteGuardMixin:
                 or self.max_nonfinite_steps < 1:  # the plain-Trainer path (the config checks its own field)
             raise ValueError(f"max_nonfinite_steps must be an int >= 1, got {self.max_nonfinite_steps!r}")
         self.nonfinite = NonFiniteGuard(self.max_nonfinite_steps, enabled=bool(self.nonfinite_guard))
+        self.nonfinite.step_source = lambda: self.state.global_step  # step numbers survive a resume
         return self.nonfinite
 
     def _guard_optimizer(self, optimizer):

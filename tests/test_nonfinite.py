@@ -217,3 +217,12 @@ def test_cudnn_attention_is_off_while_training_on_cuda(tmp_path, monkeypatch):
         trainer.train()
         assert Flags.seen == [(allowed, True)] * 2
         assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after train()
+
+
+def test_a_resumed_run_names_the_real_step(tmp_path):
+    """After resuming from checkpoint-2, the bad step is reported as step 3 of the run, not the 1st of the resume."""
+    _trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=2).train()
+    resumed = _trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    inject_nonfinite(resumed.model, resumed, steps={3})
+    metrics = resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2")).metrics
+    assert resumed.nonfinite.skipped_steps == [3] and metrics["train_nonfinite_skipped_steps"] == 1
