@@ -1,4 +1,5 @@
-"""Sparse adapters on disk: slices + indices (safetensors) and config + layer shapes + checksums (json).
+"""Sparse adapters on disk: slices + indices, and the full tensors of `modules_to_save` (safetensors), and
+config + layer shapes + those tensors' shapes and dtypes + checksums (json).
 
 Writes are atomic (temp file + fsync + os.replace + fsync of the directory; the json, written last, names the
 weights' sha256 and its own), so a crash mid-save never leaves a half-written adapter that loads. An adapter loads
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import SLICE_DTYPES, SparseNeuronConfig
+from .full_modules import check_full_fits, check_full_tensors, copy_full_into, full_metadata, full_state
 from .inject import CONFIG_ATTR, inject_slices, layers_to_quantize, sliced_modules
 from .nonfinite import require_finite
 from .sliced_linear import SlicedLinear, slice_dtype_for
@@ -114,6 +116,8 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"{name}.bias_delta"] = layer.bias_delta.detach().cpu().clone()
         meta[name] = {"shape": [layer.out_features, layer.in_features], "axis": layer.axis,
                       "k": layer.index.numel(), "dtype": _dtype_name(layer.delta.dtype)}
+    config = getattr(model, CONFIG_ATTR, None)
+    tensors.update(full_state(model, config.modules_to_save if config is not None else None))
     return tensors, meta
 
 
@@ -126,7 +130,8 @@ def save_sparse_adapter(model: nn.Module, save_directory: str, tensors: dict | N
         raise ValueError("model carries no SparseNeuronConfig; it was not prepared by sprune_trainer")
     if tensors is None:
         tensors, layer_meta = adapter_state(model)
-    check_adapter_consistent(config, layer_meta, tensors, "the adapter to save")  # what is written must load
+    full_meta = full_metadata(tensors) if config.modules_to_save else None  # present exactly when configured
+    check_adapter_consistent(config, layer_meta, tensors, "the adapter to save", full_meta)  # what is written must load
     require_finite(tensors, f"to save the sparse adapter to {save_directory}")
     os.makedirs(save_directory, exist_ok=True)
     weights_path = os.path.join(save_directory, WEIGHTS_NAME)
@@ -134,6 +139,8 @@ def save_sparse_adapter(model: nn.Module, save_directory: str, tensors: dict | N
     meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "layers": layer_meta,
             "model_class": type(model).__name__, "model_type": model_type_of(model),
             "weights_sha256": _sha256(weights_path)}
+    if full_meta is not None:
+        meta["modules_to_save"] = full_meta
     meta["metadata_sha256"] = metadata_digest(meta)
 
     def write_json(p):
@@ -192,17 +199,18 @@ def read_sparse_adapter(path: str) -> SparseAdapter:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{meta_path} holds an invalid config: {e}") from None
     layers = meta["layers"]
-    check_adapter_consistent(config, layers, tensors, path)
+    check_adapter_consistent(config, layers, tensors, path, meta.get("modules_to_save"))
     selection = {n: tensors.pop(f"{n}.index") for n in layers}
     return SparseAdapter(config, selection, tensors, {n: tuple(m["shape"]) for n, m in layers.items()},
                          meta.get("model_class"), meta.get("model_type"))
 
 
 def check_adapter_consistent(config: SparseNeuronConfig, layers: dict, tensors: dict[str, torch.Tensor],
-                             where: str) -> None:
-    """The layer metadata and the tensors (with "<module>.index") describe the same slices, and nothing else.
-    Raises ValueError naming `where` and the first disagreement."""
-    used = set()
+                             where: str, full_meta: Optional[dict] = None) -> None:
+    """The layer metadata and the tensors (with "<module>.index") describe the same slices, `full_meta` (the json's
+    "modules_to_save") the same full modules, and nothing else. Raises ValueError naming `where` and the first
+    disagreement."""
+    used = check_full_tensors(config.modules_to_save, full_meta, tensors, where)
     for name, meta in layers.items():
         _check_layer(config, name, meta, tensors, where)
         used |= {f"{name}.{t}" for t in ("index", "delta", "bias_delta")}
@@ -280,6 +288,7 @@ def check_adapter_fits(model: nn.Module, adapter: SparseAdapter, slice_dtype: Op
         if adapter.config.train_bias and has_bias != saved_bias:
             raise ValueError(f"adapter is for a different model: {name!r} {'has' if has_bias else 'has no'} bias here, "
                              f"but the adapter (train_bias=True) {'has' if saved_bias else 'has no'} bias_delta for it")
+    check_full_fits(model, adapter.config.modules_to_save, adapter.tensors)
     if sliced_modules(model):
         check_slices_match(model, adapter)
         return
@@ -308,7 +317,7 @@ def check_slices_match(model: nn.Module, adapter: SparseAdapter) -> None:
 
 @torch.no_grad()
 def copy_adapter_into(model: nn.Module, adapter: SparseAdapter) -> None:
-    """Copy the adapter's slices into the slices already on `model`, which must sit on the same neurons (checked
+    """Copy the adapter's slices (and modules_to_save) into the slices already on `model`, which must sit on the same neurons (checked
     for every layer before the first copy)."""
     check_slices_match(model, adapter)
     for name, layer in sliced_modules(model).items():
@@ -316,6 +325,7 @@ def copy_adapter_into(model: nn.Module, adapter: SparseAdapter) -> None:
             layer.delta.copy_(adapter.tensors[f"{name}.delta"])
             if layer.bias_delta is not None:
                 layer.bias_delta.copy_(adapter.tensors[f"{name}.bias_delta"])
+    copy_full_into(model, adapter.config.modules_to_save, adapter.tensors)
 
 
 def load_sparse_adapter(model: nn.Module, adapter_dir: str, check_model_class: bool = True) -> nn.Module:

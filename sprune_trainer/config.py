@@ -67,6 +67,12 @@ class SparseNeuronConfig:
         metadata={"help": "Module names (exact or dotted suffix, e.g. q_proj) to slice; a single string is a "
                           "regex matched against the full name. Default: every linear except the output head."},
     )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Module names (exact or dotted suffix, as target_modules; each must match a module) trained "
+                          "in full next to the slices, e.g. a classification head (score, classifier) or a resized "
+                          "embedding; saved in the adapter and kept by merge_sparse (PEFT's name)."},
+    )
     calibration_batches: int = field(
         default=50,
         metadata={"help": "Train-dataloader batches used by taylor / hessian / zeroth_order / wanda scoring."}
@@ -151,6 +157,8 @@ class SparseNeuronConfig:
     def __post_init__(self):
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
         self.validate()
 
     def validate(self) -> None:
@@ -198,6 +206,9 @@ class SparseNeuronConfig:
         if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and tm
                                                           and all(isinstance(t, str) and t for t in tm))):
             raise ValueError(f"target_modules must be None, a regex string or a non-empty list of names, got {tm!r}.")
+        ms = self.modules_to_save
+        if ms is not None and not (isinstance(ms, list) and ms and all(isinstance(m, str) and m for m in ms)):
+            raise ValueError(f"modules_to_save must be None or a non-empty list of module names, got {ms!r}.")
 
     def _validate_scoring_options(self) -> None:
         """The calibration, criterion and slice options of issue 20 (kept apart from validate() for easy merges)."""
@@ -221,10 +232,11 @@ class SparseNeuronConfig:
     # what must agree between a checkpoint and the run resuming it: the neurons and the base they sit on
     # (optimizer state may differ only in storage)
     SELECTION_KEYS = ("importance", "neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias",
-                      "quantize_base", "double_quant", "init_from_quantization_error", "taylor_form", "head_balanced")
+                      "quantize_base", "double_quant", "init_from_quantization_error", "taylor_form", "head_balanced",
+                      "modules_to_save")
 
     # what a model's slices are, once they exist: a trainer given a sliced model refuses a config that differs here
-    SLICE_KEYS = ("neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias")
+    SLICE_KEYS = ("neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias", "modules_to_save")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import DATA_IMPORTANCE_NAMES, SparseNeuronConfig
+from .full_modules import check_not_sliced, modules_to_save, train_in_full, warn_untrained_head
 from .quantization import (bnb_kind, dequantize_weight, dequantized_dtype, import_bitsandbytes, quantize_4bit,
                            requantize_like)
 from .sliced_linear import SlicedLinear, checked_index, slice_dtype_for
@@ -72,7 +73,8 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
 
     Everything that can be checked is checked before the model is touched (names, layer types, indices,
     bitsandbytes), so an error leaves the model as it was. `slice_dtypes` (name -> dtype) overrides
-    `config.slice_dtype` per layer (an adapter loads in the dtype it was saved in). With `config.quantize_base`
+    `config.slice_dtype` per layer (an adapter loads in the dtype it was saved in). `config.modules_to_save` stay
+    trainable in full. With `config.quantize_base`
     every targeted linear becomes a 4-bit `bnb.nn.Linear4bit` first (one layer at a time, so the full-precision
     weight is freed as it goes); with `config.init_from_quantization_error` the slices start at
     (W - dequant(Q(W)))[I], so the selected rows reproduce W exactly. Until merge_sparse() takes the slices out,
@@ -81,10 +83,13 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
         raise ValueError("model already has sparse-neuron slices; merge_sparse() it or load into a fresh model")
     to_quantize = layers_to_quantize(model, config)
     selection = _checked_selection(model, selection, config.axis)
+    check_not_sliced(modules_to_save(model, config.modules_to_save), sorted(set(selection) | set(to_quantize)))
     if to_quantize:
         import_bitsandbytes(f"quantize_base={config.quantize_base!r}")
     for p in model.parameters():
         p.requires_grad_(False)
+    train_in_full(model, config.modules_to_save)
+    warn_untrained_head(model, config.modules_to_save, list(selection))
     wrapped = {}
     for name in sorted(set(selection) | set(to_quantize)):
         parent, child = _parent(model, name)

@@ -24,6 +24,7 @@ from .checkpoint import (adapter_state, copy_adapter_into, check_adapter_fits, i
 from .checkpoint_dirs import (last_complete_checkpoint, marked_complete_after_trainer_state,
                               require_complete_checkpoint, unmark_complete)
 from .config import DATA_IMPORTANCE_NAMES, SparseNeuronConfig
+from .full_modules import modules_to_save
 from .heads import head_groups
 from .importance import score_neurons
 from .inject import config_for_model, inject_slices, layers_to_quantize, sliced_modules
@@ -114,6 +115,7 @@ class SparseNeuronMixin(NonFiniteGuardMixin):
                 self._report_selection()
             return self.sparse_summary
 
+        modules_to_save(self.model, cfg.modules_to_save)  # a typo fails here, before any scoring
         selection = adapter.selection if adapter is not None else self._select_neurons()
         inject_slices(self.model, selection, cfg)
         if cfg.quantize_base:
