@@ -317,8 +317,8 @@ def check_slices_match(model: nn.Module, adapter: SparseAdapter) -> None:
 
 @torch.no_grad()
 def copy_adapter_into(model: nn.Module, adapter: SparseAdapter) -> None:
-    """Copy the adapter's slices (and modules_to_save) into the slices already on `model`, which must sit on the same neurons (checked
-    for every layer before the first copy)."""
+    """Copy the adapter's slices into the slices already on `model`, which must sit on the same neurons (checked
+    for every layer before the first copy), and its modules_to_save tensors into those modules."""
     check_slices_match(model, adapter)
     for name, layer in sliced_modules(model).items():
         with gathered([layer.delta, layer.bias_delta], modifier_rank=0):
