@@ -108,6 +108,7 @@ class NonFiniteGuard:
         """True when this optimizer step must be skipped; raises after too many in a row."""
         skip = self.enabled and self.should_skip(params)
         self._record(skip)
+        self._decided = True
         return skip
 
     def record_external(self, applied: bool) -> bool:
@@ -117,13 +118,11 @@ class NonFiniteGuard:
         if decided:
             return False
         self._record(not applied)
-        self._decided = False
         return not applied
 
     def _record(self, skip: bool) -> None:
         self.reset_pending()  # the next step starts with clean flags, whoever decided this one
         self.step_number = self.step_source() + 1 if self.step_source is not None else self.step_number + 1
-        self._decided = True
         self.last_step_skipped = skip
         if not skip:
             self.consecutive = 0

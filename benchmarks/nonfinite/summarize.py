@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.accuracy import run_results  # noqa: E402
+from benchmarks.accuracy.targets import constant_share  # noqa: E402
 
 
 def _tasks(res: dict) -> dict:
@@ -35,11 +36,10 @@ def run_row(name: str, res: dict) -> dict:
     if "after" not in res:
         return row
     for task, t in _tasks(res).items():
-        answers = Counter(s["answer"] for s in t["samples"])
         ranked = Counter(s["choice"] for s in t["samples"])
         row["tasks"][task] = {"n": t["n"], "generation": 100 * t["accuracy"], "ranked": 100 * t["choice_accuracy"],
                               "top_ranked_share": 100 * ranked.most_common(1)[0][1] / t["n"],
-                              "best_constant": 100 * answers.most_common(1)[0][1] / t["n"]}
+                              "best_constant": 100 * constant_share(t["samples"])}
     for key in ("generation", "ranked", "best_constant"):
         row[f"avg_{key}"] = sum(t[key] for t in row["tasks"].values()) / len(row["tasks"])
     return row
