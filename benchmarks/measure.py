@@ -123,10 +123,11 @@ def prepared_method(model: nn.Module, spec: MethodSpec, checkpointing: bool, lr:
 def make_step(prepared, batch: dict, device: torch.device, autocast: bool):
     """One optimizer step: forward, backward, (grad mask), step, zero_grad. Returns the detached loss."""
     def step():
-        with torch.profiler.record_function("forward"), _autocast(device, autocast):
-            loss = prepared.model(**batch).loss
-        with torch.profiler.record_function("backward"):
-            loss.backward()
+        with prepared.step_context():
+            with torch.profiler.record_function("forward"), _autocast(device, autocast):
+                loss = prepared.model(**batch).loss
+            with torch.profiler.record_function("backward"):
+                loss.backward()
         with torch.profiler.record_function("optimizer"):
             if prepared.before_step is not None:
                 prepared.before_step()

@@ -6,7 +6,10 @@ All act on the same random-init model, one after another; `Prepared.undo()` give
     floor    nothing trainable; the embedding output requires grad, so backward runs through every layer to
              the inputs: the least any adapter method can cost (its own extra work = 0)
     ours     sprune_trainer.inject_slices, r rows (or columns) per projection, random indices, SliceAdamW; "recompute":
-             rows whose inputs are rebuilt in backward from what the frozen model keeps (recompute_slice_inputs)
+             rows whose inputs are rebuilt in backward from what the frozen model keeps (recompute_slice_inputs);
+             "guard": the non-finite guard on the optimizer, as SparseNeuronTrainer runs it (its worst case here:
+             its own norm over the slice gradients and one host sync per step, no clipping norm to reuse);
+             "no cuDNN attention": forward and backward with PyTorch's cuDNN attention off, the trainer's default
     lora     PEFT LoRA (dora: use_dora=True), alpha = 2r, no dropout, PEFT's default fp32 adapter weights
     masked   SpFT baseline: dense projection weights trainable, grads multiplied by a 0/1 row mask before the
              step (the same random rows as `ours`), torch AdamW over the full weights, no weight decay
@@ -14,8 +17,9 @@ All act on the same random-init model, one after another; `Prepared.undo()` give
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -35,13 +39,16 @@ class MethodSpec:
     state: str = "float32"  # SliceAdamW moments (ours)
     fused: bool = True      # ours: the fused sliced matmul (False: the generic base(x) + update path)
     recompute: bool = False  # ours rows: rebuild slice inputs in backward (SparseNeuronConfig.recompute_slice_inputs)
+    guard: bool = False      # ours: NonFiniteGuard decides every optimizer step (SparseNeuronConfig.nonfinite_guard)
+    cudnn_attention: bool = True  # False: without_cudnn_attention() around the step (SparseNeuronConfig default)
 
     @property
     def label(self) -> str:
         return {
             "floor": "frozen floor",
             "ours": f"ours {self.axis} r{self.r} ({_SHORT[self.state]} state)" + ("" if self.fused else ", unfused")
-                    + (", recompute" if self.recompute else ""),
+                    + (", recompute" if self.recompute else "") + (", guard" if self.guard else "")
+                    + ("" if self.cudnn_attention else ", no cuDNN attention"),
             "lora": f"LoRA r{self.r}",
             "dora": f"DoRA r{self.r}",
             "masked": f"masked SpFT r{self.r}",
@@ -55,6 +62,8 @@ def main_methods(r: int = 64) -> list[MethodSpec]:
         MethodSpec("floor", "floor"),
         MethodSpec("ours_rows_fp32", "ours", r, "rows", "float32"),
         MethodSpec("ours_rows_fp32_recompute", "ours", r, "rows", "float32", recompute=True),
+        MethodSpec("ours_rows_fp32_guard", "ours", r, "rows", "float32", guard=True),
+        MethodSpec("ours_rows_fp32_no_cudnn", "ours", r, "rows", "float32", cudnn_attention=False),
         MethodSpec("ours_rows_int8", "ours", r, "rows", "int8"),
         MethodSpec("ours_cols_fp32", "ours", r, "columns", "float32"),
         MethodSpec("ours_rows_fp32_unfused", "ours", r, "rows", "float32", fused=False),
@@ -75,6 +84,7 @@ class Prepared:
     trainable_params: int                 # numbers that get a gradient and optimizer state
     effective_params: int                 # numbers that can change (masked SpFT: the rows only)
     before_step: Optional[Callable[[], None]] = None
+    step_context: Callable[[], ContextManager] = contextlib.nullcontext  # around forward + backward
     notes: list[str] = field(default_factory=list)
 
 
@@ -124,6 +134,7 @@ def setup_floor(model, spec, lr):
 def setup_ours(model, spec, lr):
     from sprune_trainer import SliceAdamW, SparseNeuronConfig
     from sprune_trainer.inject import CONFIG_ATTR, inject_slices
+    from sprune_trainer.nonfinite import NonFiniteGuard, without_cudnn_attention
 
     layers = target_layers(model)
     selection = random_selection(layers, spec.r, spec.axis)
@@ -142,8 +153,14 @@ def setup_ours(model, spec, lr):
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = SliceAdamW(params, lr=lr, weight_decay=0.0, state_dtype=spec.state)
+    if spec.guard:
+        NonFiniteGuard().attach_optimizer(opt)
     n = _numel(params)
-    return Prepared(model, opt, undo, n, n)
+    context = contextlib.nullcontext
+    if not spec.cudnn_attention:
+        device = next(model.parameters()).device
+        context = lambda: without_cudnn_attention(device)  # noqa: E731
+    return Prepared(model, opt, undo, n, n, step_context=context)
 
 
 def setup_lora(model, spec, lr):

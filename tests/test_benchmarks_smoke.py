@@ -169,3 +169,34 @@ def test_saved_bytes_reports_rows_recompute_and_columns_against_the_floor(tmp_pa
     inputs = (2 * 256 + 512) * 2  # the q/k/v and gate/up norm outputs and down_proj's input, bf16, per token
     assert per["ours_rows_fp32_recompute"] - per["floor"] == pytest.approx(deltas, rel=0.02)
     assert per["ours_rows_fp32"] - per["ours_rows_fp32_recompute"] == pytest.approx(inputs, rel=0.02)
+
+
+def test_the_trainer_defaults_variants_guard_the_step_and_keep_the_result():
+    """ours_rows_fp32_guard / _no_cudnn measure what SparseNeuronTrainer adds by default: the guarded step gives
+    the same slices as the plain one when all is finite and skips a step with a NaN gradient; cuDNN-off is a
+    no-op off CUDA (so the same numbers)."""
+    from benchmarks.measure import make_step, prepared_method
+    from benchmarks.methods import MethodSpec
+
+    model, _ = build_model("tiny", CPU, torch.float32)
+    batch = random_batch(model.config.vocab_size, 2, 16, CPU)
+    specs = {s.name: s for s in main_methods(64)}
+    trained = {}
+    for name in ("ours_rows_fp32", "ours_rows_fp32_guard", "ours_rows_fp32_no_cudnn"):
+        torch.manual_seed(0)
+        with prepared_method(model, specs[name], checkpointing=False, lr=1e-2) as prepared:
+            assert hasattr(type(prepared.optimizer), "_nonfinite_guard") == (name == "ours_rows_fp32_guard")
+            step = make_step(prepared, batch, CPU, autocast=False)
+            step(), step()
+            trained[name] = [p.detach().clone() for p in prepared.optimizer.param_groups[0]["params"]]
+    for name in ("ours_rows_fp32_guard", "ours_rows_fp32_no_cudnn"):
+        assert all(torch.equal(a, b) for a, b in zip(trained[name], trained["ours_rows_fp32"])), name
+    spec = MethodSpec("g", "ours", 64, "rows", "float32", guard=True)
+    with prepared_method(model, spec, checkpointing=False, lr=1e-2) as prepared:
+        params = prepared.optimizer.param_groups[0]["params"]
+        before = [p.detach().clone() for p in params]
+        prepared.model(**batch).loss.backward()
+        params[0].grad[0, 0] = float("nan")
+        prepared.optimizer.step()
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+        assert type(prepared.optimizer)._nonfinite_guard.skipped_total == 1
