@@ -159,3 +159,42 @@ def test_resume_restores_the_head_and_its_optimizer_state(tmp_path):
     assert (tmp_path / "parts" / "checkpoint-2").is_dir() and first.state.global_step == 2
     resumed = _resume(tmp_path / "parts", _classifier(), CFG, steps=4, **args)
     torch.testing.assert_close(resumed.score.weight, whole.score.weight, rtol=1e-5, atol=1e-6)
+
+
+class TokensDataset(torch.utils.data.Dataset):  # causal LM: the labels are the inputs
+    def __init__(self, n=16, seed=3):
+        self.ids = torch.randint(1, 128, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.mark.parametrize("names", [["embed_tokens"], ["embed_tokens", "lm_head"]])
+def test_a_tied_embedding_trained_in_full_stays_tied_and_reloads(tmp_path, names):
+    """Tied input/output embeddings (one tensor) named once or twice: training keeps them one tensor, the trained
+    values reach the logits, and the adapter restores them into a fresh tied model to identical logits."""
+    from transformers import AutoModelForCausalLM
+
+    def tied_lm():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=True)).eval()
+
+    model = tied_lm()
+    before = model.lm_head.weight.detach().clone()
+    cfg = SparseNeuronConfig(neurons_per_layer=4, importance="l2", modules_to_save=names)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+                             report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, seed=11)
+    trainer = SparseNeuronTrainer(model=model, args=args, train_dataset=TokensDataset(), sparse_config=cfg)
+    trainer.train()
+    model = trainer.model.eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not torch.equal(model.lm_head.weight.detach(), before)
+    trainer.save_model(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        want = model(IDS).logits
+        loaded = load_sparse_adapter(tied_lm(), str(tmp_path / "adapter"))
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        assert torch.equal(loaded.eval()(IDS).logits, want)
