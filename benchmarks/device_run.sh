@@ -75,32 +75,48 @@ qwen15_sweep() {
     ${ACC_PARALLEL:+--parallel "$ACC_PARALLEL"} ${ACC_ATTN:+--attn_implementation "$ACC_ATTN"} ${ACC_EXTRA:-}
 }
 # issue 17, detached (run by stage qwen15-bg): the phases ACC_PHASES in turn, sharing the budget ACC_BUDGET /
-# ACC_DEADLINE (s from its start)
+# ACC_DEADLINE (s from its start); BG_DONE marks its end, whatever the outcome
+BG_PID=/tmp/qwen15_sweep.pid BG_END=/tmp/qwen15_sweep.end BG_DONE=/tmp/qwen15_sweep.done BG_LOG=/tmp/qwen15_bg.log
 qwen15_phases() {
-  local t0=$SECONDS phase used
+  local t0=$SECONDS phase used rc=0
   for phase in ${ACC_PHASES:-all solo}; do
     used=$((SECONDS - t0))
     [ $((ACC_BUDGET - used)) -gt 120 ] || { echo "qwen15: no time left for phase $phase"; break; }
-    ACC_BUDGET=$((ACC_BUDGET - used)) ACC_DEADLINE=$((ACC_DEADLINE - used)) qwen15_sweep "$phase" || return 1
+    ACC_BUDGET=$((ACC_BUDGET - used)) ACC_DEADLINE=$((ACC_DEADLINE - used)) qwen15_sweep "$phase" || { rc=1; break; }
   done
+  touch "$BG_DONE"
+  return $rc
+}
+qwen15_start_detached() {  # $1: budget (s)
+  rm -f "$BG_DONE"
+  echo $(( $(date +%s) + $1 )) > "$BG_END"
+  ACC_BUDGET=$1 ACC_DEADLINE=${ACC_DEADLINE:-$(($1 + 60))} OUT=/tmp/qwen15_bg_out \
+    setsid nohup bash "$0" qwen15-phases > "$BG_LOG" 2>&1 < /dev/null &
+  echo $! > "$BG_PID"
+  echo "qwen15: detached sweep started (pid $!, phases ${ACC_PHASES:-all solo}, budget $1 s)"
 }
 # issue 17: start qwen15_phases detached from this call unless it runs already (it outlives the call while the
 # machine stays warm, so no run is lost at a call's end and the GPU never idles between calls), wait up to ACC_WAIT
-# s for it to end, then copy the sweep folder as it stands (finished runs have their results.json)
+# s for it to end, then copy the sweep folder as it stands (finished runs have their results.json). A detached
+# sweep that died before its end (nothing marked it done) is resumed for the time it had left.
 qwen15_background() {
-  local pid_file=/tmp/qwen15_sweep.pid t0=$SECONDS
-  if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
-    echo "qwen15: the detached sweep (pid $(cat "$pid_file")) is still running"
+  local t0=$SECONDS
+  if [ -f "$BG_PID" ] && kill -0 "$(cat "$BG_PID")" 2>/dev/null; then
+    echo "qwen15: the detached sweep (pid $(cat "$BG_PID")) is still running"
+  elif [ -n "${ACC_BUDGET:-}" ]; then
+    qwen15_start_detached "$ACC_BUDGET"
+  elif [ -f "$BG_END" ] && [ ! -f "$BG_DONE" ]; then
+    echo "qwen15: the detached sweep died before its end (its log: $(tail -n 3 "$BG_LOG" | tr '\n' ' '))"
+    qwen15_start_detached $(( $(cat "$BG_END") - $(date +%s) ))
   else
-    : "${ACC_BUDGET:?qwen15-bg: set ACC_BUDGET (s), e.g. the device time left minus two minutes}"
-    ACC_DEADLINE=${ACC_DEADLINE:-$((ACC_BUDGET + 60))} OUT=/tmp/qwen15_bg_out \
-      setsid nohup bash "$0" qwen15-phases > /tmp/qwen15_bg.log 2>&1 < /dev/null &
-    echo $! > "$pid_file"
-    echo "qwen15: detached sweep started (pid $!, phases ${ACC_PHASES:-all solo}, budget $ACC_BUDGET s)"
+    echo "qwen15: no detached sweep to wait for (start one with ACC_BUDGET=<s>)"
   fi
-  while kill -0 "$(cat "$pid_file")" 2>/dev/null && [ $((SECONDS - t0)) -lt "${ACC_WAIT:-540}" ]; do sleep 5; done
-  if kill -0 "$(cat "$pid_file")" 2>/dev/null; then echo "qwen15: still running (call qwen15-bg again)"
-  else echo "qwen15: the detached sweep has ended"; tail -n 8 /tmp/qwen15_bg.log; fi
+  while [ -f "$BG_PID" ] && kill -0 "$(cat "$BG_PID")" 2>/dev/null && [ $((SECONDS - t0)) -lt "${ACC_WAIT:-540}" ]; do
+    sleep 5
+  done
+  if [ -f "$BG_PID" ] && kill -0 "$(cat "$BG_PID")" 2>/dev/null; then echo "qwen15: still running (call qwen15-bg again)"
+  elif [ -f "$BG_DONE" ]; then echo "qwen15: the detached sweep has ended"; grep -v "^total\|^d\|^-" "$BG_LOG" | tail -n 6
+  fi
   tail -n 30 "$ACC15/sweep_log.txt" 2>/dev/null
   mkdir -p "$OUT/accuracy_qwen15" && cp -r "$ACC15"/. "$OUT/accuracy_qwen15/"
 }
