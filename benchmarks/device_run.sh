@@ -133,9 +133,9 @@ for stage in "$@"; do
     bench)  # issue 7: the main comparison at 7B/8B shapes (fused vs unfused side by side) and the Taylor cost
       python benchmarks/run_all.py --out "$OUT/h100" --models llama3-8b,llama2-7b --criteria taylor \
         --budget-s 400 2>&1 | tail -45 ;;
-    bench-h200)  # issue 20: the main comparison at the Llama-2-7B shape on one H200 (needs no staging), every
+    bench-h200)  # issue 20: the main comparison at the Llama-2-7B (then 3-8B) shape on one H200 (no staging), every
       # data-driven criterion's scoring peak next to the training peak; BENCH_BUDGET s (default 540)
-      python benchmarks/run_all.py --out "$OUT/h200" --models llama2-7b \
+      python benchmarks/run_all.py --out "$OUT/h200" --models llama2-7b,llama3-8b \
         --criteria taylor,taylor_elementwise,hessian,zeroth_order,wanda --budget-s "${BENCH_BUDGET:-540}" 2>&1 | tail -60 ;;
     install)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
