@@ -26,3 +26,10 @@ slices = {n: p.detach().flatten().tolist() for n, p in trainer.model.named_param
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"skipped_steps": trainer.nonfinite.skipped_steps, "metric": metrics["train_nonfinite_skipped_steps"],
                "slices": slices}, f)
+# shut gloo down before the interpreter exits: left to exit, its threads were once torn down while still joinable
+# ("terminate called without an active exception", SIGABRT after the results were written)
+if trainer.accelerator.num_processes > 1:
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
