@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import SLICE_DTYPES, SparseNeuronConfig
+from .config import SLICE_DTYPES, SparseNeuronConfig, dtype_name
 from .full_modules import check_full_fits, check_full_tensors, copy_full_into, full_metadata, full_state
 from .inject import CONFIG_ATTR, inject_slices, layers_to_quantize, sliced_modules
 from .nonfinite import require_finite
@@ -92,10 +92,6 @@ def replace_atomically(write, path: str) -> None:
             os.remove(tmp)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def model_type_of(model: nn.Module) -> Optional[str]:
     return getattr(getattr(model, "config", None), "model_type", None)
 
@@ -115,7 +111,7 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
             if layer.bias_delta is not None:
                 tensors[f"{name}.bias_delta"] = layer.bias_delta.detach().cpu().clone()
         meta[name] = {"shape": [layer.out_features, layer.in_features], "axis": layer.axis,
-                      "k": layer.index.numel(), "dtype": _dtype_name(layer.delta.dtype)}
+                      "k": layer.index.numel(), "dtype": dtype_name(layer.delta.dtype)}
     config = getattr(model, CONFIG_ATTR, None)
     tensors.update(full_state(model, config.modules_to_save if config is not None else None))
     return tensors, meta
@@ -241,10 +237,10 @@ def _check_layer(config: SparseNeuronConfig, name: str, meta, tensors: dict, whe
     if tuple(delta.shape) != want:
         raise ValueError(f"{where}: {name}.delta has shape {tuple(delta.shape)}, but {k} {axis} of a {d_out}x{d_in} "
                          f"weight need {want}")
-    if _dtype_name(delta.dtype) not in SLICE_DTYPES:
+    if dtype_name(delta.dtype) not in SLICE_DTYPES:
         raise ValueError(f"{where}: {name}.delta is {delta.dtype}, not one of the slice dtypes {SLICE_DTYPES[:3]}")
-    if _dtype_name(delta.dtype) != dtype:
-        raise ValueError(f"{where}: {name}.delta is {_dtype_name(delta.dtype)}, its metadata says {dtype!r}")
+    if dtype_name(delta.dtype) != dtype:
+        raise ValueError(f"{where}: {name}.delta is {dtype_name(delta.dtype)}, its metadata says {dtype!r}")
     if config.slice_dtype != "auto" and dtype != config.slice_dtype:
         raise ValueError(f"{where}: {name}.delta is {dtype}, but its config says slice_dtype={config.slice_dtype!r}")
     bias = tensors.get(f"{name}.bias_delta")
@@ -257,7 +253,7 @@ def _check_layer(config: SparseNeuronConfig, name: str, meta, tensors: dict, whe
 def check_no_rounding(saved: torch.dtype, target: torch.dtype, what: str, fix: str) -> None:
     """Slices saved in `saved` may go into `target` only when every value survives (same dtype, or widened)."""
     if saved != target and (saved, target) not in _EXACT_WIDENING:
-        raise ValueError(f"{what} was saved in {_dtype_name(saved)} but would be held in {_dtype_name(target)}, "
+        raise ValueError(f"{what} was saved in {dtype_name(saved)} but would be held in {dtype_name(target)}, "
                          f"which rounds it; {fix}")
 
 
@@ -296,7 +292,7 @@ def check_adapter_fits(model: nn.Module, adapter: SparseAdapter, slice_dtype: Op
     if slice_dtype is not None:
         for name, saved in adapter.dtypes().items():
             check_no_rounding(saved, slice_dtype_for(model.get_submodule(name), slice_dtype), f"slice {name!r}",
-                              f"use slice_dtype={_dtype_name(saved)!r} (or 'float32')")
+                              f"use slice_dtype={dtype_name(saved)!r} (or 'float32')")
 
 
 def check_slices_match(model: nn.Module, adapter: SparseAdapter) -> None:

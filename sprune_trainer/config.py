@@ -20,6 +20,11 @@ OPTIMIZER_STATES = ("float32", "bfloat16", "int8")
 QUANTIZE_BASES = ("nf4", "fp4")
 
 
+def dtype_name(dtype) -> str:
+    """A torch dtype as adapters and `slice_dtype` spell it ("bfloat16", not "torch.bfloat16")."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -186,7 +191,7 @@ class SparseNeuronConfig:
             raise ValueError("train_bias needs axis='rows' (a column slice touches every output's bias).")
         if not (_is_int(self.calibration_batches) and self.calibration_batches >= 0):
             raise ValueError(f"calibration_batches must be a non-negative integer, got {self.calibration_batches!r}.")
-        if self.importance in ("taylor", "hessian", "zeroth_order") and self.calibration_batches <= 0:
+        if self.importance in DATA_IMPORTANCE_NAMES and self.calibration_batches <= 0:
             raise ValueError(f"importance={self.importance!r} needs calibration_batches > 0.")
         if self.quantize_base is not None and self.quantize_base not in QUANTIZE_BASES:
             raise ValueError(f"Unknown quantize_base {self.quantize_base!r}; choose one of {QUANTIZE_BASES} or None.")
@@ -212,10 +217,8 @@ class SparseNeuronConfig:
 
     def _validate_scoring_options(self) -> None:
         """The calibration, criterion and slice options of issue 20 (kept apart from validate() for easy merges)."""
-        if self.importance == "wanda" and self.calibration_batches <= 0:
-            raise ValueError(f"importance='wanda' needs calibration_batches > 0, got {self.calibration_batches}.")
         micro = self.calibration_micro_batch_size
-        if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
+        if not (_is_int(micro) and micro >= 0):
             raise ValueError(f"calibration_micro_batch_size must be an integer >= 0 (0 = whole batches), "
                              f"got {micro!r}.")
         if self.taylor_form not in TAYLOR_FORMS:

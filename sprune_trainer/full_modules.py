@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .config import dtype_name
 from .targets import _matching
 from .zero3 import gathered
 
@@ -63,7 +64,7 @@ def full_state(model: nn.Module, names: Optional[list[str]]) -> dict[str, torch.
 
 
 def full_metadata(tensors: dict[str, torch.Tensor]) -> dict:
-    return {key.removeprefix(PREFIX): {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    return {key.removeprefix(PREFIX): {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
             for key, t in tensors.items() if key.startswith(PREFIX)}
 
 

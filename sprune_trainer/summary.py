@@ -9,11 +9,11 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from .config import DATA_IMPORTANCE_NAMES
 from .inject import sliced_modules
 from .optim import adam_state_bytes_per_param
 
 logger = logging.get_logger(__name__)
-DATA_DRIVEN = ("taylor", "hessian", "zeroth_order")
 
 
 def logical_numel(p: nn.Parameter) -> int:
@@ -96,7 +96,7 @@ def warn_unscored_layers(scores: dict[str, torch.Tensor], importance: str, limit
     zero = [name for name, s in scores.items() if not s.any()]
     if zero:
         why = ("the calibration loss never reached them (their outputs do not feed the loss, or it ignores them)"
-               if importance in DATA_DRIVEN else "their weights are zero")
+               if importance in DATA_IMPORTANCE_NAMES else "their weights are zero")
         shown = ", ".join(zero[:limit]) + (f" and {len(zero) - limit} more" if len(zero) > limit else "")
         logger.warning(f"{len(zero)} of {len(scores)} layers got all-zero {importance} scores, so their neurons are "
                        f"picked by index, not by importance: {shown}. Likely {why}; leave them out with "

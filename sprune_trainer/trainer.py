@@ -39,8 +39,6 @@ from .zero3 import gathered, model_is_partitioned
 
 logger = logging.get_logger(__name__)
 
-NEEDS_DATA = DATA_IMPORTANCE_NAMES
-
 
 class SparseNeuronMixin(NonFiniteGuardMixin):
     """The whole sparse-neuron behaviour (scoring, surgery, slice optimizer, adapter save / load / resume) for a
@@ -83,7 +81,7 @@ class SparseNeuronMixin(NonFiniteGuardMixin):
         for name, layer in layers.items():
             layer_budget(layer.out_features if cfg.axis == "rows" else layer.in_features, cfg, name)
         head_groups(self.model, layers, cfg)  # head_balanced without heads to balance: fail before scoring
-        if cfg.importance in NEEDS_DATA and self.train_dataset is None:
+        if cfg.importance in DATA_IMPORTANCE_NAMES and self.train_dataset is None:
             raise ValueError(f"importance={cfg.importance!r} scores neurons on training batches: pass train_dataset")
         layers_to_quantize(self.model, cfg)  # quantize_base / low-error init on an already quantized model
         if cfg.quantize_base and model_is_partitioned(self.model):
@@ -141,7 +139,7 @@ class SparseNeuronMixin(NonFiniteGuardMixin):
     def _select_neurons(self) -> dict[str, torch.Tensor]:
         cfg = self.sparse_config
         layers = find_target_layers(self.model, cfg.target_modules)
-        needs_data = cfg.importance in NEEDS_DATA
+        needs_data = cfg.importance in DATA_IMPORTANCE_NAMES
         batches = self._calibration_batches() if needs_data else None
         partitioned = model_is_partitioned(self.model)
         if needs_data and not partitioned and not self.is_model_parallel and not loaded_with_bitsandbytes(self.model):
