@@ -121,28 +121,17 @@ def targets_table(doc: dict) -> str:
     return "\n".join(out)
 
 
-# the trainer's defaults next to plain ours rows (same model, batch, checkpointing): what they cost
+# the trainer's defaults next to plain ours rows (report.RATIOS: same model, batch, checkpointing): what they cost
 DEFAULT_VARIANTS = {"ours_rows_fp32_guard": "the non-finite guard",
                     "ours_rows_fp32_no_cudnn": "cuDNN attention off"}
 
 
-def _ratio(a, b):
-    return None if a is None or not b else a / b
-
-
 def defaults_cost(runs: list[dict]) -> str:
-    base = {(r["model"], r["batch"], r["seq"], r["checkpointing"]): r for r in runs
-            if r["method"] == "ours_rows_fp32" and r["status"] == "ok"}
-    out = []
-    for r in runs:
-        ref = base.get((r["model"], r["batch"], r["seq"], r["checkpointing"]))
-        if r["method"] not in DEFAULT_VARIANTS or r["status"] != "ok" or ref is None:
-            continue
-        out.append(f"\nCost of {DEFAULT_VARIANTS[r['method']]} (trainer default) on {r['model']} {r['batch']}×{r['seq']}, "
-                   f"checkpointing {'on' if r['checkpointing'] else 'off'}: tokens/s "
-                   f"{r['tokens_per_s'] / ref['tokens_per_s']:.3f} × ours rows, peak "
-                   f"{_f(_ratio(r.get('peak_bytes'), ref.get('peak_bytes')), '{:.3f}')} ×")
-    return "\n".join(out)
+    return "\n".join(
+        f"\nCost of {DEFAULT_VARIANTS[r['method']]} (trainer default) on {r['model']} {r['batch']}×{r['seq']}, "
+        f"checkpointing {'on' if r['checkpointing'] else 'off'}: tokens/s {_f(r['tps_x_ours_rows'], '{:.3f}')} × "
+        f"ours rows, peak {_f(r.get('mem_x_ours_rows'), '{:.3f}')} ×"
+        for r in runs if r["method"] in DEFAULT_VARIANTS and r.get("tps_x_ours_rows") is not None)
 
 
 def sweep_table(runs: list[dict]) -> str:

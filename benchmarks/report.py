@@ -16,6 +16,8 @@ RATIOS = [
     ("mem_x_lora16", "lora_r16", "peak_bytes"),
     ("tps_x_lora16", "lora_r16", "tokens_per_s"),
     ("mem_x_masked", "masked_spft", "peak_bytes"),
+    ("mem_x_ours_rows", "ours_rows_fp32", "peak_bytes"),    # the trainer defaults' cost (make_table.defaults_cost)
+    ("tps_x_ours_rows", "ours_rows_fp32", "tokens_per_s"),
 ]
 GROUP = ("model", "batch", "seq", "checkpointing")
 
@@ -62,7 +64,7 @@ def write_json(doc: dict, path: str) -> None:
 
 RUN_COLUMNS = ["sweep", "model", "batch", "seq", "checkpointing", "method", "label", "r", "status", "peak_gib",
                "tokens_per_s", "step_s_median", "mem_x_floor", "tps_x_floor", "mem_x_lora16", "tps_x_lora16",
-               "mem_x_masked", "trainable_params", "effective_params", "optimizer_state_mib", "loss_last",
+               "mem_x_masked", "mem_x_ours_rows", "tps_x_ours_rows", "trainable_params", "effective_params", "optimizer_state_mib", "loss_last",
                "setup_s", "wall_s", "notes", "error"]
 SCORING_COLUMNS = ["model", "criterion", "micro_batch_size", "status", "batch", "seq", "batches_measured",
                    "target_batches", "seconds_measured", "per_batch_s", "seconds_extrapolated", "peak_gib",
