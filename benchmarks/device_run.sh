@@ -51,16 +51,19 @@ Q=benchmarks/quantization
 FINAL=${OUT:-outputs/device}
 OUT=$(mktemp -d /tmp/out.XXXX)
 mkdir -p "$FINAL"
-trap 'tar czf "$FINAL/results.tgz" -C "$OUT" . && ls -la "$FINAL"' EXIT
+# (not the detached qwen15 sweep's own run: qwen15-bg copies its folder)
+[ -n "${DETACHED:-}" ] || trap 'tar czf "$FINAL/results.tgz" -C "$OUT" . && ls -la "$FINAL"' EXIT
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-# benchmarks/accuracy/sweep.py into folder $1 on this machine (kept between calls), copied back as $OUT/$2
+copy_back() { mkdir -p "$OUT/$2" && cp -r "$1"/. "$OUT/$2/"; }  # folder $1 into this call's results as $2
+# benchmarks/accuracy/sweep.py into folder $1 on this machine (kept between calls), copied back as $OUT/$2 (not
+# when detached: qwen15-bg copies the folder)
 accuracy_sweep() {
   local dir=$1 name=$2
   shift 2
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SPRUNE_TRAINER_CACHE=/tmp/sc python benchmarks/accuracy/sweep.py \
     "$@" --out "$dir" --data_dir /tmp/data/commonsense \
     --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" 2>&1 | tail -40
-  mkdir -p "$OUT/$name" && cp -r "$dir"/. "$OUT/$name/"
+  [ -n "${DETACHED:-}" ] || copy_back "$dir" "$name"
 }
 # issue 17: check what the qwen15 stages expect, merge the committed runs into $ACC15 (never over a run of this
 # machine), then the sweep with phase $1
@@ -90,7 +93,7 @@ qwen15_phases() {
 qwen15_start_detached() {  # $1: budget (s)
   rm -f "$BG_DONE"
   echo $(( $(date +%s) + $1 )) > "$BG_END"
-  ACC_BUDGET=$1 ACC_DEADLINE=${ACC_DEADLINE:-$(($1 + 60))} OUT=/tmp/qwen15_bg_out \
+  DETACHED=1 ACC_BUDGET=$1 ACC_DEADLINE=${ACC_DEADLINE:-$(($1 + 60))} \
     setsid nohup bash "$0" qwen15-phases > "$BG_LOG" 2>&1 < /dev/null &
   echo $! > "$BG_PID"
   echo "qwen15: detached sweep started (pid $!, phases ${ACC_PHASES:-all solo}, budget $1 s)"
@@ -99,9 +102,10 @@ qwen15_start_detached() {  # $1: budget (s)
 # machine stays warm, so no run is lost at a call's end and the GPU never idles between calls), wait up to ACC_WAIT
 # s for it to end, then copy the sweep folder as it stands (finished runs have their results.json). A detached
 # sweep that died before its end (nothing marked it done) is resumed for the time it had left.
+bg_running() { [ -f "$BG_PID" ] && kill -0 "$(cat "$BG_PID")" 2>/dev/null; }
 qwen15_background() {
   local t0=$SECONDS
-  if [ -f "$BG_PID" ] && kill -0 "$(cat "$BG_PID")" 2>/dev/null; then
+  if bg_running; then
     echo "qwen15: the detached sweep (pid $(cat "$BG_PID")) is still running"
   elif [ -n "${ACC_BUDGET:-}" ]; then
     qwen15_start_detached "$ACC_BUDGET"
@@ -111,14 +115,12 @@ qwen15_background() {
   else
     echo "qwen15: no detached sweep to wait for (start one with ACC_BUDGET=<s>)"
   fi
-  while [ -f "$BG_PID" ] && kill -0 "$(cat "$BG_PID")" 2>/dev/null && [ $((SECONDS - t0)) -lt "${ACC_WAIT:-540}" ]; do
-    sleep 5
-  done
-  if [ -f "$BG_PID" ] && kill -0 "$(cat "$BG_PID")" 2>/dev/null; then echo "qwen15: still running (call qwen15-bg again)"
-  elif [ -f "$BG_DONE" ]; then echo "qwen15: the detached sweep has ended"; grep -v "^total\|^d\|^-" "$BG_LOG" | tail -n 6
+  while bg_running && [ $((SECONDS - t0)) -lt "${ACC_WAIT:-540}" ]; do sleep 5; done
+  if bg_running; then echo "qwen15: still running (call qwen15-bg again)"
+  elif [ -f "$BG_DONE" ]; then echo "qwen15: the detached sweep has ended"; tail -n 6 "$BG_LOG"
   fi
   tail -n 30 "$ACC15/sweep_log.txt" 2>/dev/null
-  mkdir -p "$OUT/accuracy_qwen15" && cp -r "$ACC15"/. "$OUT/accuracy_qwen15/"
+  copy_back "$ACC15" accuracy_qwen15
 }
 # parts of the GGUF (.m/p*/partNN) and .olmo arrive over several calls; /tmp/m gathers them
 stage_parts() {
