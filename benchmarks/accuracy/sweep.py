@@ -247,12 +247,11 @@ def main(argv=None, t0: Optional[float] = None) -> dict:
         return True
 
     tuned_path = out / "tuned_lr.json"
-    picks = tuning.read_picks(tuned_path) if tuned_path.is_file() else None
+    tuned = tuning.read_tuned(tuned_path) if tuned_path.is_file() else None  # tuned_lr.json, read once
     try:
         if args.phase in ("tune", "all"):
             if run_phase("tune", study.tune_runs(cfgs, args.tune_seed, args.smoke)):
                 tuned = tuning.write_tuned(aggregate.load_runs(out), tuned_path, study, args.smoke)
-                picks = tuning.read_picks(tuned_path)
                 log("tuned lr: " + ", ".join(
                     f"{f} {t['lr']:g}" + (f" {t['config']}" if "candidates" in t else "")
                     + ("" if t["val_average"] is None else f" ({100 * t['val_average']:.1f}%)")
@@ -263,14 +262,15 @@ def main(argv=None, t0: Optional[float] = None) -> dict:
         if args.phase in ("test", "all"):
             if args.lr is not None:
                 lrs = {f: args.lr for f in study.lr_grids}
-            elif tuned_path.is_file():
-                lrs = tuning.read_lrs(tuned_path)
+            elif tuned is not None:
+                lrs = tuning.lrs_of(tuned)
             elif args.dry_run:
                 lrs = {f: study.default_lr(f) for f in study.lr_grids}
                 print(f"# no {tuned_path}: the test runs below show each grid's middle lr and first candidate")
             else:
                 raise SystemExit(f"--phase test needs {tuned_path}: run --phase tune (or all) first.")
-            run_phase("test", study.test_runs(cfgs, lrs, picks or {}, args.seeds, args.smoke))
+            picks = tuning.picks_of(tuned) if tuned is not None else {}
+            run_phase("test", study.test_runs(cfgs, lrs, picks, args.seeds, args.smoke))
         if args.phase == "solo":  # one run at a time: alone on the device
             run_phase("solo", study.solo_runs(cfgs), parallel=1)
     finally:

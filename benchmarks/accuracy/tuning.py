@@ -65,11 +65,15 @@ def write_tuned(runs: Iterable[dict], path: str | Path, study: Study = SMOLLM2, 
     return tuned
 
 
-def read_lrs(path: str | Path) -> dict[str, float]:
-    """family -> lr from a tuned_lr.json."""
-    return {f: float(t["lr"]) for f, t in json.loads(Path(path).read_text())["families"].items()}
+def read_tuned(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
 
 
-def read_picks(path: str | Path) -> dict[str, str]:
-    """family -> its tuned config from a tuned_lr.json."""
-    return {f: t["config"] for f, t in json.loads(Path(path).read_text())["families"].items()}
+def lrs_of(tuned: dict) -> dict[str, float]:
+    """family -> lr, from what write_tuned wrote."""
+    return {f: float(t["lr"]) for f, t in tuned["families"].items()}
+
+
+def picks_of(tuned: dict) -> dict[str, str]:
+    """family -> its tuned config, from what write_tuned wrote."""
+    return {f: t["config"] for f, t in tuned["families"].items()}
