@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.measure import prepared_method  # noqa: E402
-from benchmarks.methods import MethodSpec  # noqa: E402
+from benchmarks.methods import MethodSpec, main_methods  # noqa: E402
 from benchmarks.shapes import llama_config, random_batch  # noqa: E402
 
 
@@ -47,10 +47,11 @@ def kept_bytes(loss: torch.Tensor, model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
+MEASURED = ("floor", "ours_rows_fp32", "ours_rows_fp32_recompute", "ours_cols_fp32")  # of the main comparison
+
+
 def methods(r: int) -> list[MethodSpec]:
-    return [MethodSpec("floor", "floor"), MethodSpec("ours_rows_fp32", "ours", r, "rows", "float32"),
-            MethodSpec("ours_rows_fp32_recompute", "ours", r, "rows", "float32", recompute=True),
-            MethodSpec("ours_cols_fp32", "ours", r, "columns", "float32")]
+    return [m for m in main_methods(r) if m.name in MEASURED]
 
 
 def measure(shape: str, layers: int, tokens: int, r: int, dtype: torch.dtype, autocast: bool) -> dict[str, int]:

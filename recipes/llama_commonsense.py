@@ -402,6 +402,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
             trainer_cls, extra["sparse_config"] = SparseNeuronTrainer, sparse_cfg
         else:
             trainer_cls = GuardedTrainer  # the baselines get the same non-finite guard as the sparse trainer
+            extra.update(max_nonfinite_steps=sparse_cfg.max_nonfinite_steps, nonfinite_guard=sparse_cfg.nonfinite_guard,
+                         cudnn_attention=sparse_cfg.cudnn_attention)  # with the sparse config's guard settings
             if method in ("lora", "dora") and not model_args.adapter_dir:
                 model = apply_peft(model, method, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                                    sparse_cfg.target_modules)
@@ -409,9 +411,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
                 model.requires_grad_(True)
         if train_args.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(train_args.device)
-        if trainer_cls is GuardedTrainer:  # the sparse config's guard settings apply to the baselines too
-            extra.update(max_nonfinite_steps=sparse_cfg.max_nonfinite_steps, nonfinite_guard=sparse_cfg.nonfinite_guard,
-                         cudnn_attention=sparse_cfg.cudnn_attention)
         trainer = trainer_cls(model=model, args=train_args, train_dataset=train_ds, data_collator=collator,
                               processing_class=tok, **extra)
         t0 = time.time()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -29,9 +28,8 @@ if __package__ in (None, ""):  # run as a script: the repo root on sys.path for 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.accuracy import run_checks, run_results, solo, studies, targets, tradeoff  # noqa: E402
-from benchmarks.accuracy.launcher import FAILURES  # noqa: E402
 from benchmarks.accuracy.run_results import evaluation  # noqa: E402
-from benchmarks.accuracy.stats import mean as _mean, mean_std, training_means  # noqa: E402
+from benchmarks.accuracy.stats import mean as _mean, mean_std, nan_blank as _nan_blank, training_means  # noqa: E402
 from benchmarks.accuracy.studies import SMOLLM2, Study  # noqa: E402
 from benchmarks.report import write_json  # noqa: E402
 
@@ -53,9 +51,9 @@ def load_runs(out: str | Path) -> list[dict]:
 
 def load_failures(out: str | Path) -> list[dict]:
     """[{"run", "failures": [one line per failed attempt]}] of the runs that failed and have no results."""
-    return [{"run": d.name, "failures": (d / FAILURES).read_text().splitlines()}
+    return [{"run": d.name, "failures": (d / run_results.FAILURES).read_text().splitlines()}
             for d in sorted((Path(out) / "runs").glob("*"))
-            if (d / FAILURES).is_file() and run_results.find(d) is None]
+            if (d / run_results.FAILURES).is_file() and run_results.find(d) is None]
 
 
 def _accuracies(evals: list[dict]) -> dict:
@@ -137,10 +135,6 @@ def summarize(runs: list[dict], study: Study = SMOLLM2) -> dict[str, list[dict]]
 
 def _label(row: dict) -> str:
     return row["config"] + (f" @{row['learning_rate']:g}" if row["phase"] == "tune" else "")
-
-
-def _nan_blank(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
 def _fmt(x, spec: str) -> str:

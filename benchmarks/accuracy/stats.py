@@ -5,6 +5,11 @@ import math
 from typing import Optional
 
 
+def nan_blank(x):
+    """None for a missing or NaN value, else the value."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
 def mean_std(values: list[float]) -> dict:
     """{"mean", "std"}: sample std (ddof 1), 0.0 for one value; NaN for none."""
     if not values:

@@ -4,15 +4,11 @@ colour per method family; top row generation accuracy, bottom row ranked-label a
 dotted line; a config without a solo run is missing from the memory panels (the accuracy runs shared the GPU)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Mapping, Optional
 
-METRICS = (("average", "generation"), ("choice_average", "ranked labels"))
-
-
-def _set(x) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x))
+from benchmarks.accuracy.stats import nan_blank
+from benchmarks.accuracy.targets import METRICS
 
 
 def _short(config: str) -> str:
@@ -30,17 +26,17 @@ def plot(test_rows: list[dict], solo_rows: list[dict], path: Path, colours: Mapp
     rows = [r for r in test_rows if r["n_seeds"]]
     if not rows:
         return None
-    peak = {r["config"]: r["peak_memory_mib"] for r in solo_rows if _set(r["peak_memory_mib"])}
+    peak = {r["config"]: r["peak_memory_mib"] for r in solo_rows if nan_blank(r["peak_memory_mib"]) is not None}
     xs = (("trainable parameters", lambda r: r["trainable_params"] or None, "log"),
           ("peak memory alone on the GPU (GiB)", lambda r: peak[r["config"]] / 1024 if r["config"] in peak else None,
            "linear"))
     fig, axes = plt.subplots(len(METRICS), len(xs), figsize=(11, 8), squeeze=False)
-    for i, (metric, what) in enumerate(METRICS):
+    for i, (metric, what) in enumerate(METRICS.items()):
         for j, (xlabel, x_of, scale) in enumerate(xs):
             ax = axes[i][j]
             for r in rows:
                 y, x = r[metric]["mean"], x_of(r)
-                if not _set(y):
+                if nan_blank(y) is None:
                     continue
                 if r["family"] == "zero_shot" or x is None:
                     if r["family"] == "zero_shot":
