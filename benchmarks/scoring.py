@@ -35,9 +35,14 @@ def _stamped(batches, device, stamps):
 CRITERION_FIELDS = {"taylor_elementwise": {"importance": "taylor", "taylor_form": "elementwise"}}
 
 
+def config_fields(criterion: str) -> dict:
+    """The SparseNeuronConfig fields a criterion name stands for (e.g. taylor_elementwise)."""
+    return CRITERION_FIELDS.get(criterion, {"importance": criterion})
+
+
 def needs_data(criterion: str) -> bool:
     from sprune_trainer.config import DATA_IMPORTANCE_NAMES
-    return CRITERION_FIELDS.get(criterion, {"importance": criterion})["importance"] in DATA_IMPORTANCE_NAMES
+    return config_fields(criterion)["importance"] in DATA_IMPORTANCE_NAMES
 
 
 def measure_scoring(model: nn.Module, criterion: str, batches: list[dict], target_batches: int,
@@ -49,7 +54,7 @@ def measure_scoring(model: nn.Module, criterion: str, batches: list[dict], targe
 
     layers = target_layers(model)
     n = len(batches)
-    fields = CRITERION_FIELDS.get(criterion, {"importance": criterion})
+    fields = config_fields(criterion)
     cfg = SparseNeuronConfig(neurons_per_layer=64, calibration_batches=n, calibration_micro_batch_size=micro_batch_size,
                              **fields)
     b, t = batches[0]["input_ids"].shape

@@ -121,14 +121,14 @@ def summarize(runs: list[dict], study: Study = SMOLLM2) -> dict[str, list[dict]]
         row = _row(phase, config, lr, members[0]["meta"]["family"], counted)
         if checks is not None:
             row.update(checks)
-        if "solo" in study.phases:
+        if study.has_solo:
             row["setup_s"] = _mean([(r["results"].get("training") or {}).get("setup_s") for r in counted])
         out.setdefault(phase, []).append(row)
     family_rank = {f: i for i, f in enumerate(study.families)}
     for rows in out.values():
         rows.sort(key=lambda r: (family_rank.get(r["family"], len(study.families)), r["config"],
                                  r["learning_rate"] or 0.0))
-    if "solo" in study.phases:
+    if study.has_solo:
         out["solo"] = solo.summarize(runs)
     return out
 
@@ -157,7 +157,7 @@ CHECK_COLUMNS = ("refused", "flags")
 
 def _study_columns(study: Study) -> tuple[str, ...]:
     """The CSV columns a study with a solo phase / training checks adds (none for issue 8's)."""
-    return SOLO_COLUMNS * ("solo" in study.phases) + CHECK_COLUMNS * study.checks_training
+    return SOLO_COLUMNS * study.has_solo + CHECK_COLUMNS * study.checks_training
 
 
 def _study_cells(r: dict, study: Study, solo_rows: dict[str, dict]) -> list:
@@ -243,7 +243,7 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks:
              base: Optional[dict] = None, extra_base: Optional[dict] = None, study: Study = SMOLLM2,
              failures: Optional[list[dict]] = None) -> str:
     solo_rows = _solo_by_config(table)
-    has_solo = "solo" in study.phases
+    has_solo = study.has_solo
     titles = {"test": "Test sets (accuracy %, mean ± std over seeds)",
               "tune": "Validation sets, learning-rate tuning (accuracy %, one seed)"}
     parts = ["Columns: `average` and the task columns are generation accuracy (LLM-Adapters' protocol); `ranked` is "
@@ -401,7 +401,7 @@ def write_all(out: str | Path) -> dict[str, Optional[Path]]:
     write_csv(table, paths["csv"], study)
     paths["md"].write_text(markdown(table, tuned, checks, base, extra_base, study, failures))
     paths["png"] = plot(table, out / "accuracy.png", base, study.families)
-    if "solo" in study.phases:
+    if study.has_solo:
         paths["tradeoff"] = tradeoff.plot(table.get("test") or [], table.get("solo") or [],
                                           out / "accuracy_tradeoff.png", COLOURS, study.families)
     return paths

@@ -44,6 +44,11 @@ class Study:
     checks_training: bool = False                 # the aggregate refuses / flags runs that did not train
     phases: tuple[str, ...] = ("test", "tune")    # the aggregate's phases ("solo": memory / speed runs)
 
+    @property
+    def has_solo(self) -> bool:
+        """The study measures each config alone on the device (its memory / speed values)."""
+        return "solo" in self.phases
+
     # ------------------------------------------------------------ learning rates
     def lr_grid(self, family: str, smoke: bool = False) -> tuple[float, ...]:
         lrs = self.lr_grids[family]

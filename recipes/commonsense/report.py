@@ -70,6 +70,11 @@ def _change_cell(d: float, p: float) -> str:
     return f"{100 * d:+.1f}" + (" (noise)" if p >= NOISE_P else "")
 
 
+def _has_no_answer(phases) -> bool:
+    """Every task of every (name, result) phase counted its generations without an answer."""
+    return all("no_answer" in v for _, r in phases for v in r["tasks"].values())
+
+
 def _no_answer_share(r: dict, task: Optional[str] = None) -> float:
     shares = [v["no_answer"] / v["n"] for t, v in r["tasks"].items() if task is None or t == task]
     return sum(shares) / len(shares)
@@ -86,7 +91,7 @@ def format_table(before: Optional[dict], after: Optional[dict]) -> str:
     metrics = _metrics(phases)
     both = len(phases) == 2
     has_chance = all("chance" in v for v in ref["tasks"].values()) and "chance_average" in ref
-    has_no_answer = all("no_answer" in v for _, r in phases for v in r["tasks"].values())
+    has_no_answer = _has_no_answer(phases)
     head = ["task", "n"] + (["chance"] if has_chance else [])
     for label, _, _ in metrics:
         head += [f"{label} {w}" for w, _ in phases] + (["change"] if both else [])
@@ -158,7 +163,7 @@ def plot_before_after(before: Optional[dict], after: Optional[dict], path: str |
     tasks = list(ref["tasks"])
     names = tasks + ["average"]
     metrics = _metrics(phases)
-    has_no_answer = all("no_answer" in v for _, r in phases for v in r["tasks"].values())
+    has_no_answer = _has_no_answer(phases)
     panels = [(f"{label} accuracy (%)", key) for label, key, _ in metrics] + (
         [("no answer (%)", None)] if has_no_answer else [])
     x, width = np.arange(len(names)), 0.8 / len(phases)
