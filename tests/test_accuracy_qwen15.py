@@ -75,17 +75,17 @@ def test_budgets_match_what_peft_and_the_slices_train_on_the_real_qwen2_shapes()
 def test_run_list_order_picks_slots_and_solo():
     cfgs = QWEN15.configs(grid.QWEN25_CODER_15B, calibration_batches=50)
     tune = QWEN15.tune_runs(cfgs)
-    assert len(tune) == 22 and {r.seed for r in tune} == {1}
+    assert len(tune) == 23 and {r.seed for r in tune} == {1}
     # one lr of every family (both columns candidates), then the next lr
-    assert [r.name for r in tune[:6]] == ["tune-full-lr5e-6-s1", "tune-lora_r16-lr1e-4-s1", "tune-dora_r16-lr1e-4-s1",
+    assert [r.name for r in tune[:6]] == ["tune-full-lr2e-6-s1", "tune-lora_r16-lr1e-4-s1", "tune-dora_r16-lr1e-4-s1",
                                           "tune-sparse_l2_per_layer_rows-lr3e-5-s1",
                                           "tune-sparse_random_per_layer_columns-lr3e-5-s1",
                                           "tune-sparse_taylor_per_layer_columns-lr3e-5-s1"]
-    # the four-lr grids (full, rows, columns) have a 4th round
-    assert [QWEN15.lr_grids[r.config.family].index(r.lr) for r in tune] == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 4
-    # the 18 runs of the first grids keep their names, so the committed tune phase is resumed, not redone
-    assert {r.name for r in tune} >= {"tune-full-lr1e-5-s1", "tune-full-lr5e-5-s1", "tune-lora_r16-lr1e-3-s1",
-                                      "tune-sparse_l2_per_layer_rows-lr1e-3-s1"}
+    # the four-lr grids (rows, columns) have a 4th round, full FT's five-lr grid a 5th
+    assert [QWEN15.lr_grids[r.config.family].index(r.lr) for r in tune] == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 4 + [4]
+    # the runs of the earlier grids keep their names, so the committed tune phase is resumed, not redone
+    assert {r.name for r in tune} >= {"tune-full-lr5e-6-s1", "tune-full-lr1e-5-s1", "tune-full-lr5e-5-s1",
+                                      "tune-lora_r16-lr1e-3-s1", "tune-sparse_l2_per_layer_rows-lr1e-3-s1"}
     lrs = {"full": 2e-5, "lora": 1e-4, "dora": 3e-4, "sparse_rows": 1e-3, "sparse_columns": 1e-4}
     test = QWEN15.test_runs(cfgs, lrs, {"sparse_columns": "sparse_taylor_per_layer_columns"})
     assert len(test) == 27 == len({r.name for r in test}) and [r.seed for r in test] == [1] * 9 + [2] * 9 + [3] * 9
@@ -119,7 +119,7 @@ def test_command_lines_parse_with_the_recipe_to_the_study_values(tmp_path, capsy
     common = ["--study", "qwen15", "--dry_run", "--out", str(tmp_path / "o"), "--model_name_or_path",
               str(tmp_path / "none"), "--data_dir", str(tmp_path)]
     runs = _dry_run(capsys, common)
-    assert runs["counts"] == {"tune": 22, "test": 27} and len(runs["argv"]) == 49
+    assert runs["counts"] == {"tune": 23, "test": 27} and len(runs["argv"]) == 50
     solo = _dry_run(capsys, common + ["--phase", "solo"])
     assert solo["counts"] == {"solo": 9} and not (tmp_path / "o").exists()  # a dry run writes nothing
 

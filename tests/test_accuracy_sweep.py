@@ -106,10 +106,10 @@ def test_every_flag_of_a_run_exists_in_the_recipe_parser(tmp_path, capsys):
 
 # ------------------------------------------------------------------ launcher, tuning, aggregate (synthetic)
 
-def _fake_job(tmp_path, name, sleep, phase="test"):
+def _fake_job(tmp_path, name, sleep, phase="test", config=None):
     code = (f"import json, time, pathlib; time.sleep({sleep}); "
             f"pathlib.Path({str(tmp_path / name / 'results.json')!r}).write_text(json.dumps({{'ok': 1}}))")
-    return Job(name, [sys.executable, "-c", code], tmp_path / name, {"phase": phase})
+    return Job(name, [sys.executable, "-c", code], tmp_path / name, {"phase": phase, "config": config})
 
 
 def test_launcher_budget_deadline_and_resume(tmp_path):
@@ -132,6 +132,18 @@ def test_launcher_budget_deadline_and_resume(tmp_path):
     assert run_jobs([failing], parallel=1, log=log, t0=time.time()).failed == {"bad": 3}
     text = (tmp_path / "log.txt").read_text()
     assert len(re.findall(r"\] done j\d", text)) == 3 and "KILLED slow" in text and "FAILED bad" in text
+
+
+def test_launcher_budget_estimates_per_config_and_passes_over_what_does_not_fit(tmp_path):
+    """A second long run would end past the budget: passed over; the short run after it still fits (its own
+    config's duration, not the long one's, is its estimate)."""
+    log = SweepLog(tmp_path / "log.txt", time.time())
+    jobs = [_fake_job(tmp_path, "short1", 0, config="S"), _fake_job(tmp_path, "long1", 3.0, config="L"),
+            _fake_job(tmp_path, "long2", 3.0, config="L"), _fake_job(tmp_path, "short2", 0, config="S")]
+    # short1 ~o s, long1 ~3+o: long2 would end at ~6+3o > 4.5, short2 at ~3+3o (fits while process start o < 0.5 s)
+    st = run_jobs(jobs, parallel=1, log=log, t0=time.time(), time_budget_s=4.5)
+    assert list(st.finished) == ["short1", "long1", "short2"] and st.not_launched == ["long2"]
+    assert not (tmp_path / "long2").exists()
 
 
 def _timed_job(tmp_path, name, slots, sleep=0.8):

