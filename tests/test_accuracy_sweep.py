@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmarks.accuracy import grid, sweep, tuning  # noqa: E402
 from benchmarks.accuracy.studies import SMOLLM2  # noqa: E402
-from benchmarks.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
+from benchmarks.accuracy.launcher import Job, SweepLog, _estimate, run_jobs  # noqa: E402
 from test_recipe_commonsense import make_tokenizer  # noqa: E402
 from test_recipe_llama_commonsense import CONFIG as RECIPE_TEST_CONFIG, LORA_R2, _records  # noqa: E402
 
@@ -144,6 +144,15 @@ def test_launcher_budget_estimates_per_config_and_passes_over_what_does_not_fit(
     st = run_jobs(jobs, parallel=1, log=log, t0=time.time(), time_budget_s=4.5)
     assert list(st.finished) == ["short1", "long1", "short2"] and st.not_launched == ["long2"]
     assert not (tmp_path / "long2").exists()
+
+
+def test_launcher_estimate_falls_back_to_the_phase_then_the_config_in_another_phase():
+    history = [("test", "L", 300.0), ("test", "S", 100.0), ("tune", "S", 50.0)]
+    assert _estimate(history, {"phase": "test", "config": "S"}) == 100.0   # its own (phase, config)
+    assert _estimate(history, {"phase": "test", "config": "N"}) == 300.0   # a new config: its phase's longest
+    assert _estimate(history, {"phase": "solo", "config": "S"}) == 100.0   # a first solo run: its config's runs
+    assert _estimate(history, {"phase": "solo", "config": "N"}) is None    # nothing known: launched
+    assert _estimate(history + [("solo", "L", 20.0)], {"phase": "solo", "config": "S"}) == 20.0
 
 
 def _timed_job(tmp_path, name, slots, sleep=0.8):

@@ -5,8 +5,9 @@
 - A job whose `<run_dir>/results.json` (or its gzipped copy, run_results.py) exists is skipped (a crash or a
   timeout loses nothing finished).
 - `time_budget_s`: a job is not launched when `elapsed + estimate` would exceed it, the estimate being the longest
-  duration of the finished jobs of its config and phase (else of its phase, else of any; the longest, not the
-  mean, since a short job, e.g. an evaluation-only one, would let a long one start that the deadline then kills).
+  duration of the finished jobs of its config and phase (else of its phase, else of its config in another phase,
+  else none: it is launched; the longest, not the mean, since a short job, e.g. an evaluation-only one, would let a
+  long one start that the deadline then kills).
   A job that does not fit is passed over, not the end of launching: a shorter one after it may still fit (a DoRA
   run's ~7 min would otherwise keep a 3-min sparse run from the budget's last minutes). Running jobs are left
   alone.
@@ -78,9 +79,11 @@ class Stats:
 
 
 def _estimate(durations: list[tuple[Optional[str], Optional[str], float]], meta: dict) -> Optional[float]:
-    """The longest finished duration of the job's (phase, config), else of its phase, else of any."""
+    """The longest finished duration of the job's (phase, config), else of its phase, else of its config in
+    another phase (a solo run's first estimate: its config's accuracy run, which is longer), else None."""
     phase, config = meta.get("phase"), meta.get("config")
-    for keep in (lambda p, c: (p, c) == (phase, config), lambda p, c: p == phase, lambda p, c: True):
+    for keep in (lambda p, c: (p, c) == (phase, config), lambda p, c: p == phase,
+                 lambda p, c: config is not None and c == config):
         pool = [d for p, c, d in durations if keep(p, c)]
         if pool:
             return max(pool)
