@@ -173,3 +173,42 @@ def test_memory_and_speed_come_from_the_solo_phase(qwen_folder):
     assert by["lora_r16"]["refused"] == "s2: non-finite steps 2" and float(by["full"]["setup_s"]) == 2.0
     for key in ("png", "tradeoff"):
         assert qwen_folder["paths"][key].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_of_an_earlier_tunings_lr_stay_in_the_tables_but_not_in_the_targets(tmp_path):
+    """Full FT re-tuned to a lower lr after two seeds ran at the old one: the old runs are kept and flagged, the
+    targets compare against the tuned lr's runs only, and README's table leaves them out."""
+    from benchmarks.accuracy import readme_table, tuning
+
+    studies.mark_folder(tmp_path, studies.QWEN15)
+    for seed in (1, 2):
+        _run(tmp_path, "test", "full", "full", seed, 5e-6, 10)           # the earlier pick: 100 %
+    for seed in (1, 2, 3):
+        _run(tmp_path, "test", "full", "full", seed, 2e-6, 7)            # the tuned lr: 70 %
+        _run(tmp_path, "test", "sparse_random_per_layer_rows", "sparse_rows", seed, 1e-4, 8)
+    tuned = {"rule": "test", "families": {
+        "full": {"lr": 2e-6, "config": "full", "val_average": 0.7, "source": "tuned"},
+        "sparse_rows": {"lr": 1e-4, "config": "sparse_l2_per_layer_rows", "val_average": 0.8, "source": "tuned"}}}
+    (tmp_path / "tuned_lr.json").write_text(json.dumps(tuned))
+    aggregate.write_all(tmp_path)
+    table = json.loads((tmp_path / "accuracy.json").read_text())
+    assert sorted((r["config"], r["learning_rate"]) for r in table["test"]) == [
+        ("full", 2e-6), ("full", 5e-6), ("sparse_random_per_layer_rows", 1e-4)]
+    [vs_full] = [c for c in table["targets"] if c["comparison"] == "ours − full FT" and c["metric"] == "average"]
+    assert vs_full["reference_value"] == pytest.approx(70.0) and vs_full["reference_seeds"] == 3 and vs_full["met"]
+    md = (tmp_path / "accuracy.md").read_text()
+    [old] = [ln for ln in md.splitlines() if ln.startswith("| full | full | 5e-06 |")]
+    [new] = [ln for ln in md.splitlines() if ln.startswith("| full | full | 2e-06 |")]
+    assert aggregate.NOT_TUNED in old and aggregate.NOT_TUNED not in new
+    with open(tmp_path / "accuracy.csv") as f:
+        flags = {(r["config"], r["learning_rate"]): r["flags"] for r in csv.DictReader(f) if r["phase"] == "test"}
+    assert flags[("full", "5e-06")] == aggregate.NOT_TUNED and flags[("full", "2e-06")] == ""
+    block = readme_table.block(tmp_path)
+    assert "| full | 2e-06 | 3 | 70.0 ± 0.0 |" in block and "5e-06" not in block.split("Targets")[0]
+    assert "left out: 2 runs at an earlier tuning's lr" in block
+    # the predicate itself: a losing candidate of a family that tuned several configs is not the choice either
+    cols = {"families": {"sparse_columns": {"lr": 3e-4, "config": "a", "candidates": {"a": {}, "b": {}}}}}
+    row = {"family": "sparse_columns", "config": "b", "learning_rate": 3e-4}
+    assert not tuning.is_tuned_choice(row, cols) and tuning.is_tuned_choice({**row, "config": "a"}, cols)
+    assert tuning.is_tuned_choice({"family": "zero_shot", "config": "zero_shot", "learning_rate": None}, cols)
+    assert tuning.is_tuned_choice(row, None)  # no tuning on record: nothing to be stale against

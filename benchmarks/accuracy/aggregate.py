@@ -27,7 +27,7 @@ from typing import Optional
 if __package__ in (None, ""):  # run as a script: the repo root on sys.path for `benchmarks.accuracy`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.accuracy import run_checks, run_results, solo, studies, targets, tradeoff  # noqa: E402
+from benchmarks.accuracy import run_checks, run_results, solo, studies, targets, tradeoff, tuning  # noqa: E402
 from benchmarks.accuracy.run_results import evaluation  # noqa: E402
 from benchmarks.accuracy.stats import mean as _mean, mean_std, nan_blank as _nan_blank, training_means  # noqa: E402
 from benchmarks.accuracy.studies import SMOLLM2, Study  # noqa: E402
@@ -160,11 +160,11 @@ def _study_columns(study: Study) -> tuple[str, ...]:
     return SOLO_COLUMNS * study.has_solo + CHECK_COLUMNS * study.checks_training
 
 
-def _study_cells(r: dict, study: Study, solo_rows: dict[str, dict]) -> list:
+def _study_cells(r: dict, study: Study, solo_rows: dict[str, dict], tuned: Optional[dict]) -> list:
     s = solo_rows.get(r["config"]) or {}
     values = {"setup_s": r.get("setup_s"), "solo_peak_memory_mib": s.get("peak_memory_mib"),
               "solo_tokens_per_second": s.get("tokens_per_second"), "solo_setup_s": s.get("setup_s"),
-              "refused": _refused_text(r), "flags": _flags_text(r)}
+              "refused": _refused_text(r), "flags": _flags_text(r, tuned)}
     return [values[c] for c in _study_columns(study)]
 
 
@@ -172,22 +172,27 @@ def _refused_text(r: dict) -> str:
     return "; ".join(f"s{x['seed']}: {', '.join(x['reasons'])}" for x in r.get("refused") or [])
 
 
-def _flags_text(r: dict) -> str:
+NOT_TUNED = "not the tuned lr / config (an earlier tuning's pick): left out of the targets and plots"
+
+
+def _flags_text(r: dict, tuned: Optional[dict] = None) -> str:
     """'<flag> (s1,s2)' for each flag of the row's counted runs; per-task flags of the same seeds in one
-    ('constant ranked: boolq, piqa (s1)')."""
+    ('constant ranked: boolq, piqa (s1)'); a test row off its family's tuned choice says so first."""
     groups: dict[tuple, list[str]] = {}
     for f, seeds in (r.get("flags") or {}).items():
         head, _, task = f.partition(": ")
         groups.setdefault((head, tuple(seeds)), []).extend([task] if task else [])
-    return "; ".join(head + (": " + ", ".join(tasks) if tasks else "") + f" ({','.join(f's{x}' for x in seeds)})"
-                     for (head, seeds), tasks in groups.items())
+    stale = [NOT_TUNED] if r["phase"] == "test" and not tuning.is_tuned_choice(r, tuned) else []
+    return "; ".join(stale + [head + (": " + ", ".join(tasks) if tasks else "")
+                              + f" ({','.join(f's{x}' for x in seeds)})" for (head, seeds), tasks in groups.items()])
 
 
 def solo_by_config(table: dict) -> dict[str, dict]:
     return {r["config"]: r for r in table.get("solo") or []}
 
 
-def write_csv(table: dict[str, list[dict]], path: Path, study: Study = SMOLLM2) -> Path:
+def write_csv(table: dict[str, list[dict]], path: Path, study: Study = SMOLLM2,
+              tuned: Optional[dict] = None) -> Path:
     rows = [r for p in PHASES for r in table.get(p, [])]
     solo_rows = solo_by_config(table)
     tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
@@ -214,7 +219,7 @@ def write_csv(table: dict[str, list[dict]], path: Path, study: Study = SMOLLM2) 
             cells += [_nan_blank(e["average"].get("mean")), _nan_blank(e["average"].get("std")),
                       _nan_blank(e["choice_average"].get("mean")), _nan_blank(e["choice_average"].get("std"))]
             cells += [r["no_answer_rate"], r["trainable_params"], r["peak_memory_mib"], r["tokens_per_second"],
-                      r["train_runtime_s"]] + _study_cells(r, study, solo_rows)
+                      r["train_runtime_s"]] + _study_cells(r, study, solo_rows, tuned)
             w.writerow(["" if c is None else c for c in cells])
     return path
 
@@ -267,7 +272,7 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks:
             + _task_cells(r["tasks"], tasks)
             + [fmt_cell(None if r["no_answer_rate"] is None else 100 * r["no_answer_rate"], ".1f"),
                fmt_cell(r["trainable_params"], ",.0f"), *speed_cells(r, study, solo_rows)]
-            + [_flags_text(r)] * study.checks_training for r in rows]))
+            + [_flags_text(r, tuned)] * study.checks_training for r in rows]))
         ranked = [r for r in rows if _nan_blank(r["choice_average"]["mean"]) is not None]
         if ranked:
             parts.append(md_table(
@@ -394,15 +399,17 @@ def write_all(out: str | Path) -> dict[str, Optional[Path]]:
     tuned_path = out / "tuned_lr.json"
     tuned = json.loads(tuned_path.read_text()) if tuned_path.is_file() else None
     paths = {"json": out / "accuracy.json", "csv": out / "accuracy.csv", "md": out / "accuracy.md"}
-    checks = targets.issue_targets(table.get("test") or [], study)
+    # runs at an earlier tuning's lr stay in the tables (flagged), not in the targets or the plots
+    current = {**table, "test": [r for r in table.get("test") or [] if tuning.is_tuned_choice(r, tuned)]}
+    checks = targets.issue_targets(current["test"], study)
     failures = load_failures(out) if study.checks_training else None
     write_json({**table, "tuned_lr": tuned, "baselines": base, "extra_baselines": extra_base, "targets": checks,
                 **({} if failures is None else {"failed_runs": failures})}, str(paths["json"]))
-    write_csv(table, paths["csv"], study)
+    write_csv(table, paths["csv"], study, tuned)
     paths["md"].write_text(markdown(table, tuned, checks, base, extra_base, study, failures))
-    paths["png"] = plot(table, out / "accuracy.png", base, study.families)
+    paths["png"] = plot(current, out / "accuracy.png", base, study.families)
     if study.has_solo:
-        paths["tradeoff"] = tradeoff.plot(table.get("test") or [], table.get("solo") or [],
+        paths["tradeoff"] = tradeoff.plot(current["test"], table.get("solo") or [],
                                           out / "accuracy_tradeoff.png", COLOURS, study.families)
     return paths
 

@@ -7,7 +7,8 @@ cannot drift from the results (tests/test_accuracy_readme_table.py compares them
 --write replaces the lines between README's `<!-- readme_table: <folder> -->` and `<!-- /readme_table -->`.
 Per config: generation and ranked test averages (mean ± std over seeds), the further evaluation (ranked),
 trainable params, and peak memory / tokens/s / setup s from the solo phase († where only the accuracy runs, which
-shared the GPU, measured them); then the targets, as aggregate.py's accuracy.md has them."""
+shared the GPU, measured them); then the targets, as aggregate.py's accuracy.md has them. Test runs at an earlier
+tuning's lr (tuning.is_tuned_choice) are left out, as they are of the targets."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.accuracy import studies, targets  # noqa: E402
+from benchmarks.accuracy import studies, targets, tuning  # noqa: E402
 from benchmarks.accuracy.aggregate import config_cells, fmt_cell, pm_cell, solo_by_config, speed_cells  # noqa: E402
 
 END = "<!-- /readme_table -->"
@@ -37,7 +38,8 @@ def block(out: str | Path) -> str:
     head = ["config", "lr", "seeds", "generation avg", "ranked avg", "further eval, ranked", "trainable params",
             "peak MiB", "tokens/s", "setup s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in table.get("test") or []:
+    rows = [r for r in table.get("test") or [] if tuning.is_tuned_choice(r, table.get("tuned_lr"))]
+    for r in rows:
         extra = (r.get("extra") or {}).get("choice_average") or {"mean": None, "std": None}
         _row(lines, [*config_cells(r), pm_cell(r["average"]), pm_cell(r["choice_average"]), pm_cell(extra),
                      fmt_cell(r["trainable_params"], ",.0f"), *speed_cells(r, study, solo_rows)])
@@ -46,6 +48,9 @@ def block(out: str | Path) -> str:
         avg = base["average"]
         _row(lines, ["uniform guess / best constant answer", "", "",
                      f"{100 * avg['chance']:.1f} / {100 * avg['constant']:.1f}", "", "", "", "", "", ""])
+    stale = sum(r["n_seeds"] for r in table.get("test") or []) - sum(r["n_seeds"] for r in rows)
+    if stale:
+        lines += ["", f"(left out: {stale} runs at an earlier tuning's lr or config; accuracy.md lists them)"]
     if table.get("targets"):
         title, thead, trows = targets.targets_table(table["targets"], study.issue)
         lines += ["", f"{title}:", "", "| " + " | ".join(thead) + " |", "|" + "---|" * len(thead)]

@@ -7,6 +7,7 @@ with no finished tune run (a budget cut, or --only) gets the middle of its grid 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterable
 
@@ -77,3 +78,15 @@ def lrs_of(tuned: dict) -> dict[str, float]:
 def picks_of(tuned: dict) -> dict[str, str]:
     """family -> its tuned config, from what write_tuned wrote."""
     return {f: t["config"] for f, t in tuned["families"].items()}
+
+
+def is_tuned_choice(row: dict, tuned: dict | None) -> bool:
+    """A test row ran at its family's tuned lr (and, where the family tuned several configs, is not a candidate
+    that lost). False for runs of an earlier tuning's pick, kept in the folder when a later grid point won; they
+    are left out of the targets and plots. Rows of families that tune nothing, or without a tuning, are True."""
+    t = (tuned or {}).get("families", {}).get(row["family"])
+    if t is None or row["learning_rate"] is None:
+        return True
+    if row["config"] in t.get("candidates", {}) and row["config"] != t["config"]:
+        return False
+    return math.isclose(float(row["learning_rate"]), float(t["lr"]), rel_tol=1e-9)
