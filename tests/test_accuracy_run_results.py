@@ -71,3 +71,23 @@ def test_runs_in_flight_when_copied_are_dropped_finished_and_failed_kept(tmp_pat
     assert run_results.drop_in_flight(tmp_path) == [in_flight]
     assert not in_flight.exists() and (failed / "log.txt").is_file() and run_results.find(done) is not None
     assert run_results.drop_in_flight(tmp_path) == []
+
+
+def test_per_run_plots_are_dropped_and_redraw_from_the_committed_results(tmp_path):
+    """The recipe's results.png of a finished run is removed (it weighs in every device call's copy of the
+    tree); a committed run's results.json.gz alone redraws it."""
+    sys.path.insert(0, str(REPO / "recipes"))
+    from commonsense import report
+
+    done = _finished_run(tmp_path, "test-lora_r16-lr5e-4-s1", 0.5)
+    going = tmp_path / "runs" / "test-lora_r16-lr5e-4-s2"
+    going.mkdir()
+    for d in (done, going):
+        (d / run_results.RUN_PLOT).write_bytes(b"\x89PNG")
+    assert run_results.drop_run_plots(tmp_path) == [done / run_results.RUN_PLOT]
+    assert not (done / run_results.RUN_PLOT).exists() and (going / run_results.RUN_PLOT).is_file()
+    committed = REPO / "benchmarks/results/accuracy_qwen15/runs/test-lora_r16-lr3e-4-s1"
+    assert not (committed / run_results.RUN_PLOT).exists()
+    res = run_results.read(committed)
+    png = report.plot_before_after(res.get("before"), res.get("after"), tmp_path / "redrawn.png", "lora_r16")
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -8,6 +8,9 @@ all), stays small. Readers accept either form; a run with either is finished (th
 
 It also removes the folders of runs that were still going when the sweep folder was copied (neither results nor a
 failures.txt: stage qwen15-bg copies the folder while its detached sweep runs); the sweep would run them again.
+And it removes each finished run's results.png, the recipe's before/after bars (~60 KB each, ~6 MB over the
+committed studies): they are drawn from results.json alone (recipes/commonsense/report.py, plot_before_after),
+and the folder's own accuracy.png / accuracy_tradeoff.png show every run.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 PLAIN, PACKED = "results.json", "results.json.gz"
+RUN_PLOT = "results.png"  # the recipe's per-run plot, redrawable from results.json
 FAILURES = "failures.txt"  # one line per failed attempt of a run (launcher.py)
 
 
@@ -66,6 +70,15 @@ def pack_all(out: str | Path) -> list[Path]:
     return [p for d in sorted((Path(out) / "runs").glob("*")) if (p := pack(d)) is not None]
 
 
+def drop_run_plots(out: str | Path) -> list[Path]:
+    """Remove the results.png of every finished run (an unfinished run keeps its folder as it is)."""
+    plots = [d / RUN_PLOT for d in sorted((Path(out) / "runs").glob("*"))
+             if (d / RUN_PLOT).is_file() and find(d) is not None]
+    for path in plots:
+        path.unlink()
+    return plots
+
+
 def drop_in_flight(out: str | Path) -> list[Path]:
     """Remove the run folders holding neither results nor a failure record (runs in flight when copied)."""
     dropped = [d for d in sorted((Path(out) / "runs").glob("*"))
@@ -81,5 +94,7 @@ if __name__ == "__main__":
     for out in sys.argv[1:]:
         dropped = drop_in_flight(out)
         packed = pack_all(out)
-        print(f"{out}: packed {len(packed)} results.json; removed {len(dropped)} unfinished run folders"
+        plots = drop_run_plots(out)
+        print(f"{out}: packed {len(packed)} results.json; removed {len(plots)} per-run plots and {len(dropped)} "
+              "unfinished run folders"
               + "".join(f"\n  {d.name}" for d in dropped))
