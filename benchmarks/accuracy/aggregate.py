@@ -141,9 +141,14 @@ def fmt_cell(x, spec: str) -> str:
     return "" if _nan_blank(x) is None else format(x, spec)
 
 
+def md_rows(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the head, its rule, one line per row."""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def md_table(title: str, head: list[str], rows: list[list[str]]) -> str:
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+    return f"### {title}\n\n" + md_rows(head, rows)
 
 
 def pm_cell(s: dict) -> str:
@@ -231,12 +236,13 @@ def config_cells(r: dict) -> list[str]:
 def speed_cells(r: dict, study: Study, solo_rows: dict[str, dict]) -> list[str]:
     """peak MiB, tokens/s and (issue 8) train s or (a study with a solo phase) setup s: the solo run's, else the
     shared runs' marked SHARED; blank for a config that trains nothing."""
-    if "solo" not in study.phases:
+    if not study.has_solo:
         return [fmt_cell(r["peak_memory_mib"], ",.0f"), fmt_cell(r["tokens_per_second"], ",.0f"),
                 fmt_cell(r["train_runtime_s"], ".1f")]
     own = solo_rows.get(r["config"])
     src, mark = (own, "") if own else (r, SHARED)
-    return [c + mark if c else c for c in (fmt_cell(src["peak_memory_mib"], ",.0f"), fmt_cell(src["tokens_per_second"], ",.0f"),
+    return [c + mark if c else c for c in (fmt_cell(src["peak_memory_mib"], ",.0f"),
+                                           fmt_cell(src["tokens_per_second"], ",.0f"),
                                            fmt_cell(src.get("setup_s"), ".1f"))]
 
 
@@ -301,7 +307,8 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks:
         parts.append(md_table("Memory and speed, each config alone on the GPU (solo phase)",
                                ["family", "config", "steps", "trainable params", "peak MiB", "tokens/s", "train s",
                                 "setup s"],
-                               [[r["family"], r["config"], fmt_cell(r["steps"], ".0f"), fmt_cell(r["trainable_params"], ",.0f"),
+                               [[r["family"], r["config"], fmt_cell(r["steps"], ".0f"),
+                                 fmt_cell(r["trainable_params"], ",.0f"),
                                  fmt_cell(r["peak_memory_mib"], ",.0f"), fmt_cell(r["tokens_per_second"], ",.0f"),
                                  fmt_cell(r["train_runtime_s"], ".1f"), fmt_cell(r["setup_s"], ".1f")]
                                 for r in table["solo"]]))

@@ -190,7 +190,7 @@ def run_jobs(jobs: list[Job], parallel: int, log: SweepLog, t0: float, env: Opti
             stats.killed.append(name)
         log(f"stopped by {type(e).__name__}: killed {stats.killed or 'nothing'}")
         raise
-    skipped = set(id(j) for j in over_budget + pending)
+    skipped = {id(j) for j in over_budget + pending}
     stats.not_launched = [j.name for j in jobs if id(j) in skipped]  # in the jobs' order
     if stats.not_launched:
         log(f"not launched ({stop_reason}): {len(stats.not_launched)} runs, from {stats.not_launched[0]}")

@@ -20,13 +20,10 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.accuracy import studies, targets, tuning  # noqa: E402
-from benchmarks.accuracy.aggregate import config_cells, fmt_cell, pm_cell, solo_by_config, speed_cells  # noqa: E402
+from benchmarks.accuracy.aggregate import (config_cells, fmt_cell, md_rows, pm_cell, solo_by_config,  # noqa: E402
+                                           speed_cells)
 
 END = "<!-- /readme_table -->"
-
-
-def _row(lines: list[str], cells: list[str]) -> None:
-    lines.append("| " + " | ".join(cells) + " |")
 
 
 def block(out: str | Path) -> str:
@@ -37,26 +34,25 @@ def block(out: str | Path) -> str:
     solo_rows = solo_by_config(table)
     head = ["config", "lr", "seeds", "generation avg", "ranked avg", "further eval, ranked", "trainable params",
             "peak MiB", "tokens/s", "setup s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [r for r in table.get("test") or [] if tuning.is_tuned_choice(r, table.get("tuned_lr"))]
+    cells = []
     for r in rows:
         extra = (r.get("extra") or {}).get("choice_average") or {"mean": None, "std": None}
-        _row(lines, [*config_cells(r), pm_cell(r["average"]), pm_cell(r["choice_average"]), pm_cell(extra),
-                     fmt_cell(r["trainable_params"], ",.0f"), *speed_cells(r, study, solo_rows)])
+        cells.append([*config_cells(r), pm_cell(r["average"]), pm_cell(r["choice_average"]), pm_cell(extra),
+                      fmt_cell(r["trainable_params"], ",.0f"), *speed_cells(r, study, solo_rows)])
     base = table.get("baselines") or {}
     if base.get("average"):
         avg = base["average"]
-        _row(lines, ["uniform guess / best constant answer", "", "",
-                     f"{100 * avg['chance']:.1f} / {100 * avg['constant']:.1f}", "", "", "", "", "", ""])
+        cells.append(["uniform guess / best constant answer", "", "",
+                      f"{100 * avg['chance']:.1f} / {100 * avg['constant']:.1f}", "", "", "", "", "", ""])
+    parts = [md_rows(head, cells)]
     stale = sum(r["n_seeds"] for r in table.get("test") or []) - sum(r["n_seeds"] for r in rows)
     if stale:
-        lines += ["", f"(left out: {stale} runs at an earlier tuning's lr or config; accuracy.md lists them)"]
+        parts.append(f"(left out: {stale} runs at an earlier tuning's lr or config; accuracy.md lists them)")
     if table.get("targets"):
         title, thead, trows = targets.targets_table(table["targets"], study.issue)
-        lines += ["", f"{title}:", "", "| " + " | ".join(thead) + " |", "|" + "---|" * len(thead)]
-        for cells in trows:
-            _row(lines, cells)
-    return "\n".join(lines) + "\n"
+        parts.append(f"{title}:\n\n" + md_rows(thead, trows))
+    return "\n\n".join(parts) + "\n"
 
 
 def write(readme: str | Path, out: str | Path) -> bool:
