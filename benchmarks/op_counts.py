@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,20 +27,26 @@ from benchmarks.shapes import build_model, random_batch  # noqa: E402
 PARTS = ("forward", "backward", "optimizer")
 
 
-def variants(r: int) -> list[tuple[MethodSpec, bool]]:
-    """(method, SliceAdamW's batched steps on?) pairs: each change next to the path it replaces."""
+def variants(r: int) -> list[tuple[MethodSpec, Optional[bool]]]:
+    """(method, SliceAdamW's batched steps on?) pairs: each change next to the path it replaces, then LoRA, DoRA
+    and full FT as references."""
     return [(MethodSpec("floor", "floor"), True),
             (MethodSpec("ours_rows_fp32_unfused", "ours", r, "rows", "float32", fused=False), False),
             (MethodSpec("ours_rows_fp32", "ours", r, "rows", "float32"), True),
             (MethodSpec("ours_cols_fp32_unfused", "ours", r, "columns", "float32", fused=False), False),
             (MethodSpec("ours_cols_fp32", "ours", r, "columns", "float32"), True),
             (MethodSpec("ours_rows_int8", "ours", r, "rows", "int8"), False),
-            (MethodSpec("ours_rows_int8", "ours", r, "rows", "int8"), True)]
+            (MethodSpec("ours_rows_int8", "ours", r, "rows", "int8"), True),
+            # the references, each with its own optimizer settings (None: foreach left as set up): PEFT adds
+            # dropout, A, B and a scale per linear (DoRA a weight norm too), full FT a weight gradient per linear
+            (MethodSpec("lora_r16", "lora", 16), None),
+            (MethodSpec("dora_r16", "dora", 16), None),
+            (MethodSpec("full_ft", "full"), None)]
 
 
-def count_step(model, spec: MethodSpec, batched: bool, batch: dict, device) -> dict[str, int]:
+def count_step(model, spec: MethodSpec, batched: Optional[bool], batch: dict, device) -> dict[str, int]:
     with prepared_method(model, spec, checkpointing=False, lr=1e-5) as prepared:
-        if prepared.optimizer is not None:
+        if prepared.optimizer is not None and batched is not None:
             for group in prepared.optimizer.param_groups:
                 group["foreach"] = batched
 
@@ -89,7 +96,7 @@ def main(argv=None):
     for spec, batched in variants(args.r):
         c = count_step(model, spec, batched, batch, device)
         rows.append((spec, batched, c))
-        mode = "-" if spec.kind == "floor" else "batched" if batched else "per slice"
+        mode = "-" if spec.kind == "floor" else "AdamW" if batched is None else "batched" if batched else "per slice"
         print(f"| {spec.label} | {mode} | {' | '.join(str(c[p]) for p in PARTS)} | {c['total']} |", flush=True)
     return rows
 

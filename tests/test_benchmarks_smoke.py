@@ -157,6 +157,10 @@ def test_op_counts_show_the_batched_optimizer_and_fused_backward():
     assert rows[("ours_rows_fp32", True)]["backward"] < rows[("ours_rows_fp32_unfused", False)]["backward"]
     assert rows[("ours_cols_fp32", True)]["backward"] < rows[("ours_cols_fp32_unfused", False)]["backward"]
     assert rows[("floor", True)]["optimizer"] == 0
+    # full FT runs the floor's forward; its backward adds each linear's weight gradient
+    assert rows[("full_ft", None)]["forward"] == rows[("floor", True)]["forward"]
+    assert rows[("full_ft", None)]["backward"] > rows[("floor", True)]["backward"]
+    assert rows[("lora_r16", None)]["forward"] > rows[("floor", True)]["forward"]
 
 
 def test_saved_bytes_reports_rows_recompute_and_columns_against_the_floor(tmp_path):
