@@ -21,27 +21,23 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from benchmarks.measure import prepared_method, sync  # noqa: E402
-from benchmarks.methods import MethodSpec  # noqa: E402
+from benchmarks.methods import MethodSpec, main_methods  # noqa: E402
 from benchmarks.shapes import build_model, random_batch  # noqa: E402
 
 PARTS = ("forward", "backward", "optimizer")
 
 
+# (method of the main comparison, SliceAdamW's batched steps on?): each change next to the path it replaces, then
+# the references with their own optimizer settings (None: foreach left as set up): PEFT adds dropout, A, B and a
+# scale per linear (DoRA a weight norm too), full FT a weight gradient per linear
+VARIANTS = (("floor", True), ("ours_rows_fp32_unfused", False), ("ours_rows_fp32", True),
+            ("ours_cols_fp32_unfused", False), ("ours_cols_fp32", True), ("ours_rows_int8", False),
+            ("ours_rows_int8", True), ("lora_r16", None), ("dora_r16", None), ("full_ft", None))
+
+
 def variants(r: int) -> list[tuple[MethodSpec, Optional[bool]]]:
-    """(method, SliceAdamW's batched steps on?) pairs: each change next to the path it replaces, then LoRA, DoRA
-    and full FT as references."""
-    return [(MethodSpec("floor", "floor"), True),
-            (MethodSpec("ours_rows_fp32_unfused", "ours", r, "rows", "float32", fused=False), False),
-            (MethodSpec("ours_rows_fp32", "ours", r, "rows", "float32"), True),
-            (MethodSpec("ours_cols_fp32_unfused", "ours", r, "columns", "float32", fused=False), False),
-            (MethodSpec("ours_cols_fp32", "ours", r, "columns", "float32"), True),
-            (MethodSpec("ours_rows_int8", "ours", r, "rows", "int8"), False),
-            (MethodSpec("ours_rows_int8", "ours", r, "rows", "int8"), True),
-            # the references, each with its own optimizer settings (None: foreach left as set up): PEFT adds
-            # dropout, A, B and a scale per linear (DoRA a weight norm too), full FT a weight gradient per linear
-            (MethodSpec("lora_r16", "lora", 16), None),
-            (MethodSpec("dora_r16", "dora", 16), None),
-            (MethodSpec("full_ft", "full"), None)]
+    specs = {s.name: s for s in main_methods(r)}
+    return [(specs[name], batched) for name, batched in VARIANTS]
 
 
 def count_step(model, spec: MethodSpec, batched: Optional[bool], batch: dict, device) -> dict[str, int]:

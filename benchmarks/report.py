@@ -64,8 +64,8 @@ def write_json(doc: dict, path: str) -> None:
 
 RUN_COLUMNS = ["sweep", "model", "batch", "seq", "checkpointing", "method", "label", "r", "status", "peak_gib",
                "tokens_per_s", "step_s_median", "mem_x_floor", "tps_x_floor", "mem_x_lora16", "tps_x_lora16",
-               "mem_x_masked", "mem_x_ours_rows", "tps_x_ours_rows", "trainable_params", "effective_params", "optimizer_state_mib", "loss_last",
-               "setup_s", "wall_s", "notes", "error"]
+               "mem_x_masked", "mem_x_ours_rows", "tps_x_ours_rows", "trainable_params", "effective_params",
+               "optimizer_state_mib", "loss_last", "setup_s", "wall_s", "notes", "error"]
 SCORING_COLUMNS = ["model", "criterion", "micro_batch_size", "status", "batch", "seq", "batches_measured",
                    "target_batches", "seconds_measured", "per_batch_s", "seconds_extrapolated", "peak_gib",
                    "peak_x_training", "peak_x_training_ckpt", "epoch_s", "fraction_of_epoch", "error"]
