@@ -5,8 +5,10 @@ All act on the same random-init model, one after another; `Prepared.undo()` give
 
     floor    nothing trainable; the embedding output requires grad, so backward runs through every layer to
              the inputs: the least any adapter method can cost (its own extra work = 0)
-    ours     sprune_trainer.inject_slices, r rows (or columns) per projection, random indices, SliceAdamW; "recompute":
-             rows whose inputs are rebuilt in backward from what the frozen model keeps (recompute_slice_inputs);
+    ours     sprune_trainer.inject_slices, r rows (or columns) per projection, random indices, SliceAdamW;
+             rows save their inputs (recompute_slice_inputs=False) unless "recompute": rebuilt in backward from
+             what the frozen model keeps (recompute_slice_inputs, the trainer's default for rows since the H200
+             run);
              "guard": the non-finite guard on the optimizer, as SparseNeuronTrainer runs it (its worst case here:
              its own norm over the slice gradients and one host sync per step, no clipping norm to reuse);
              "no cuDNN attention": forward and backward with PyTorch's cuDNN attention off, the trainer's default

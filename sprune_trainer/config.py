@@ -113,14 +113,16 @@ class SparseNeuronConfig:
         metadata={"help": f"dtype of the trainable slices, one of {SLICE_DTYPES} ('auto' = base weight dtype). "
                           "float32 keeps Adam exact while the frozen base stays bf16/4-bit."},
     )
-    recompute_slice_inputs: bool = field(
-        default=False,
+    recompute_slice_inputs: Optional[bool] = field(
+        default=None,
         metadata={"help": "axis='rows': do not save each sliced projection's input for its weight gradient; rebuild it "
                           "in backward from tensors the frozen model's own backward keeps anyway (RMSNorm input and "
                           "scale for q/k/v and gate/up, act(gate) and up for down_proj: Llama / Mistral / Qwen2 "
                           "structure, found in the autograd graph; checked bit-exact on first use). Other layers, "
-                          "quantized bases and activation checkpointing keep saving the input. Off until measured on "
-                          "GPU: benchmarks/run_all.py, method ours_rows_fp32_recompute."},
+                          "quantized bases and activation checkpointing keep saving the input. None (default) = on "
+                          "for rows, off for columns (whose slices save only x[..., J]). Measured on one H200 at the "
+                          "Llama-2-7B shape: peak 1.18x -> 1.03x the frozen floor, tokens/s 0.94x -> 0.91x "
+                          "(benchmarks/results/h200/); False trades that memory back for the speed."},
     )
     optimizer_state: str = field(
         default="float32",
@@ -228,6 +230,9 @@ class SparseNeuronConfig:
                              f"importance={self.importance!r}.")
         if not (isinstance(self.slice_dropout, (int, float)) and 0.0 <= float(self.slice_dropout) < 1.0):
             raise ValueError(f"slice_dropout must be a probability in [0, 1), got {self.slice_dropout!r}.")
+        if self.recompute_slice_inputs is not None and not isinstance(self.recompute_slice_inputs, bool):
+            raise ValueError(f"recompute_slice_inputs must be True, False or None (rows: on), "
+                             f"got {self.recompute_slice_inputs!r}.")
         if self.recompute_slice_inputs and self.axis != "rows":
             raise ValueError("recompute_slice_inputs applies to axis='rows' (a column slice saves only x[..., J]), "
                              f"got axis={self.axis!r}.")
@@ -251,6 +256,11 @@ class SparseNeuronConfig:
         if unknown:
             raise ValueError(f"Unknown SparseNeuronConfig fields {sorted(unknown)}.")
         return cls(**d)
+
+    @property
+    def recomputes_slice_inputs(self) -> bool:
+        """`recompute_slice_inputs` resolved: None = on for rows (columns save only x[..., J] anyway)."""
+        return self.axis == "rows" if self.recompute_slice_inputs is None else self.recompute_slice_inputs
 
     def selection_differences(self, other: "SparseNeuronConfig") -> dict[str, tuple]:
         """Fields that decide which neurons are trained and differ between `self` and `other`."""

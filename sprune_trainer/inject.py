@@ -101,7 +101,7 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
             dtype = (slice_dtypes or {}).get(name) or slice_dtype_for(base, config.slice_dtype)
             layer = SlicedLinear(base, selection[name], axis=config.axis, dtype=dtype, train_bias=config.train_bias,
                                  dropout=config.slice_dropout)
-            layer.recompute_input = config.recompute_slice_inputs
+            layer.recompute_input = config.recomputes_slice_inputs
             if config.init_from_quantization_error:  # delta = (W - dequant(Q(W)))[I]
                 with torch.no_grad():
                     layer.delta.copy_(layer.select(original.weight).float() - layer.select(dequantize_weight(base)))

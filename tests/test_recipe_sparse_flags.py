@@ -24,7 +24,8 @@ def test_new_fields_are_recipe_flags(capsys):
     default = _config()
     assert (default.importance, default.taylor_form, default.head_balanced, default.slice_dropout,
             default.calibration_micro_batch_size, default.recompute_slice_inputs) == \
-        ("l2", "multivariable", False, 0.0, 1, False)
+        ("l2", "multivariable", False, 0.0, 1, None)
+    assert default.recomputes_slice_inputs and not _config("--recompute_slice_inputs", "false").recomputes_slice_inputs
     with pytest.raises(SystemExit) as stop:  # the recipe's one-line error (exit 2) from the config's own check
         _config("--taylor_form", "bad", "--importance", "taylor")
     assert stop.value.code == 2 and "Unknown taylor_form 'bad'" in capsys.readouterr().err
