@@ -78,6 +78,11 @@ def main_methods(r: int = 64) -> list[MethodSpec]:
     ]
 
 
+def main_method(name: str, r: int = 64) -> MethodSpec:
+    """One entry of `main_methods` by its name (KeyError: not one of them)."""
+    return {s.name: s for s in main_methods(r)}[name]
+
+
 @dataclass
 class Prepared:
     model: nn.Module                      # what to call (the PEFT wrapper for LoRA/DoRA)

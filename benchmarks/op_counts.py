@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from benchmarks.measure import prepared_method, sync  # noqa: E402
-from benchmarks.methods import MethodSpec, main_methods  # noqa: E402
+from benchmarks.methods import MethodSpec, main_method  # noqa: E402
 from benchmarks.shapes import build_model, random_batch  # noqa: E402
 
 PARTS = ("forward", "backward", "optimizer")
@@ -36,8 +36,7 @@ VARIANTS = (("floor", True), ("ours_rows_fp32_unfused", False), ("ours_rows_fp32
 
 
 def variants(r: int) -> list[tuple[MethodSpec, Optional[bool]]]:
-    specs = {s.name: s for s in main_methods(r)}
-    return [(specs[name], batched) for name, batched in VARIANTS]
+    return [(main_method(name, r), batched) for name, batched in VARIANTS]
 
 
 def count_step(model, spec: MethodSpec, batched: Optional[bool], batch: dict, device) -> dict[str, int]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .methods import MethodSpec, main_methods
+from .methods import MethodSpec, main_method, main_methods
 
-FLOOR = MethodSpec("floor", "floor")
-LORA16 = MethodSpec("lora_r16", "lora", 16)
+FLOOR = main_method("floor")
+LORA16 = main_method("lora_r16")
 
 
 @dataclass(frozen=True)

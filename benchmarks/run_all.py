@@ -248,11 +248,10 @@ def run_sweep(args, device):
 
 
 def run_profile(args, device):
-    from benchmarks.methods import main_methods
+    from benchmarks.methods import main_method
     from benchmarks.profile_step import profile_method
 
-    specs = {s.name: s for s in main_methods(args.r)}
-    wanted = [specs[n] for n in args.profile_methods.split(",")]
+    wanted = [main_method(n, args.r) for n in args.profile_methods.split(",")]
     model, info = build_model(args.profile_model, device, args.dtype)
     gc.freeze()
     b, t = args.batch_seq[0]
