@@ -43,9 +43,10 @@ def _place_labels(ax, points: list[tuple[float, float, str]], scale: str) -> Non
     top = hi
     for group in _clusters(points, near):
         placed: list[float] = []
+        label_x = shift(max(g[0] for g in group))  # the stack's column, right of the group's rightmost point
         for x, y, text in sorted(group, key=lambda p: p[1]):
             placed.append(y if not placed else max(y, placed[-1] + gap))
-            ax.annotate(text, (x, y), xytext=(shift(max(g[0] for g in group)), placed[-1]), textcoords="data",
+            ax.annotate(text, (x, y), xytext=(label_x, placed[-1]), textcoords="data",
                         fontsize=6, va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "#888888"})
         top = max(top, placed[-1] + gap)
     ax.set_ylim(lo, top)
