@@ -7,9 +7,12 @@ from .inject import merge_sparse, quantize_with_sparse_correction
 from .optim import SliceAdamW
 from .sliced_linear import SlicedLinear
 from .trainer import SparseNeuronMixin, SparseNeuronTrainer
+from .untrained import SlicesNotTrainingError
+from .nonfinite import NonFiniteTrainingError
 
 __all__ = ["SparseNeuronConfig", "SparseNeuronMixin", "SparseNeuronTrainer", "SlicedLinear", "SliceAdamW",
-           "save_sparse_adapter", "load_sparse_adapter", "merge_sparse", "quantize_with_sparse_correction"]
+           "save_sparse_adapter", "load_sparse_adapter", "merge_sparse", "quantize_with_sparse_correction",
+           "SlicesNotTrainingError", "NonFiniteTrainingError"]
 __version__ = "0.1.0"
 
 # TRL's trainers (trl_trainer.py) only when trl is installed, imported on first use: trl is an optional extra

@@ -157,6 +157,13 @@ class SparseNeuronConfig:
         metadata={"help": "Let training use PyTorch's cuDNN attention kernel. Off by default: on an H200 in bf16 its "
                           "backward returned NaN gradients for a padded batch that the memory-efficient kernel "
                           "handles (README: the bf16 finding)."})
+    untrained_guard: bool = field(
+        default=True,
+        metadata={"help": "Stop with SlicesNotTrainingError when an optimizer step finds no slice with a non-zero finite "
+                          "gradient, or changes none (a compiled or wrapped model that loses the slices' gradient, "
+                          "hooks, a frozen path, a zero learning rate): checked on the first steps taken until one "
+                          "with a positive learning rate moved the slices, then at every logging step, all ranks "
+                          "alike."})
     max_nonfinite_steps: int = field(
         default=10, metadata={"help": "nonfinite_guard: consecutive skipped steps after which training stops with "
                                       "an error (the run has diverged; try float32 or a lower learning rate)."})
@@ -186,7 +193,7 @@ class SparseNeuronConfig:
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}; choose one of {allowed}.")
         for name in ("train_bias", "double_quant", "init_from_quantization_error", "nonfinite_guard",
-                     "cudnn_attention"):
+                     "cudnn_attention", "untrained_guard"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.train_bias and self.axis != "rows":

@@ -46,7 +46,7 @@ def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
                          f"made it diverged; {ADVICE}")
 
 
-def _flag_device(fallback: torch.device) -> torch.device:
+def flag_device(fallback: torch.device) -> torch.device:
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return fallback
@@ -67,6 +67,7 @@ class NonFiniteGuard:
         self._grad_norm: Optional[torch.Tensor] = None
         self._decided = False                # decide() ran for the step in progress
         self.step_source = None              # () -> optimizer steps done before this one (Trainer: global_step)
+        self.untrained = None                # an untrained.UntrainedGuard checking the steps taken
 
     # ---- inputs of the decision ---------------------------------------------------------------------
     def note_loss(self, loss: torch.Tensor) -> None:
@@ -98,7 +99,7 @@ class NonFiniteGuard:
             bad = bad | self._loss_bad.to(device)
         self.reset_pending()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = bad.to(_flag_device(device), torch.int32)
+            flag = bad.to(flag_device(device), torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank's NaN skips the step everywhere
             bad = flag
         return bool(bad.item())
@@ -142,7 +143,8 @@ class NonFiniteGuard:
                        f"{self.skipped_total} in total, limit {self.max_consecutive} in a row)")
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, describe=None) -> torch.optim.Optimizer:
-        """Route `optimizer.step` through the decision (idempotent). `describe(params)` names what was bad.
+        """Route `optimizer.step` through the decision (idempotent), and a step taken through `self.untrained`'s
+        check when set. `describe(params)` names what was bad.
         Done by a subclass of the optimizer's own class (same name), so nothing lands in its __dict__."""
         guard = self
 
@@ -151,7 +153,11 @@ class NonFiniteGuard:
             if guard.decide(params):
                 guard.warn_skipped(describe(params) if describe is not None else "")
                 return None
-            return super(guarded, opt).step(*args, **kwargs)
+            pending = guard.untrained.before_step(opt) if guard.untrained is not None else None
+            out = super(guarded, opt).step(*args, **kwargs)
+            if pending is not None:
+                guard.untrained.after_step(pending)
+            return out
 
         guarded = self._subclass(optimizer, step)
         return optimizer

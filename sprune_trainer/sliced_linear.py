@@ -96,7 +96,10 @@ class SlicedLinear(nn.Module):
         dropping = self.slice_dropout is not None and self.training
         if not dropping and self._fusable():
             base = self.base_layer
-            source = self._input_source(x) if self.recompute_input and self.axis == "rows" else None
+            # compiled: the compiler's own partitioner decides what to save or recompute (it cannot trace autograd's
+            # saved tensors, which the rebuild reads)
+            rebuild = self.recompute_input and self.axis == "rows" and not torch.compiler.is_compiling()
+            source = self._input_source(x) if rebuild else None
             return sliced_linear(x, base.weight, base.bias, self.index, self.delta, self.axis, source)
         y = self.base_layer(x)  # (..., d_out)
         delta = self.delta.to(x.dtype)

@@ -8,6 +8,11 @@ What the generic path (`base(x)` then a separate slice update) pays, per layer a
 Here the update goes into y in place (the frozen matmul never needs its output back), and the slice's part of
 the input grad is accumulated into the base's grad in place (`addmm_` / `index_add_`).
 
+Under torch.compile the same sums are written out of place (the compiler fuses them anyway): with an in-place
+update of the returned tensor, Dynamo's tracing of an autograd.Function on torch 2.11 routes the output's gradient to
+a stale alias of it, so the slices get none and train nothing while the loss looks normal (a PyTorch bug, fixed in
+2.12; docs/torch_compile.md); every torch version takes the out-of-place form while compiling.
+
 Both run in the compute dtype the caller picks (the autocast dtype under autocast); the frozen weight is saved
 as is (it is a parameter: no memory) and cast again in backward, never kept as a cast copy."""
 from __future__ import annotations
@@ -16,6 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from .recompute import shared_rebuild
+
+
+def updates_output_in_place() -> bool:
+    """Whether the forward adds the slice update into its output in place: eager only (module docstring)."""
+    return not torch.compiler.is_compiling()
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -32,12 +42,17 @@ class SlicedLinearFunction(torch.autograd.Function):
         dt = x.dtype
         d = delta.to(dt)
         y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))  # (..., d_out)
+        in_place = updates_output_in_place()
         if axis == "rows":
-            y.index_add_(-1, index, x @ d.T)
+            update = x @ d.T  # (..., k)
+            y = y.index_add_(-1, index, update) if in_place else y.index_add(-1, index, update)
             saved = (x,) if source is None else source[1]
         else:
             saved = (x.index_select(-1, index),)  # (..., k)
-            _flat(y).addmm_(_flat(saved[0]), d.T)
+            if in_place:
+                _flat(y).addmm_(_flat(saved[0]), d.T)
+            else:
+                y = _flat(y).addmm(_flat(saved[0]), d.T).view(y.shape)
         ctx.save_for_backward(weight, index, d, *saved)
         ctx.axis, ctx.delta_dtype = axis, delta.dtype
         ctx.rebuild = None if source is None else source[0]

@@ -35,6 +35,7 @@ from .quantization import check_zero3_quant_storage, loaded_with_bitsandbytes, r
 from .selection import layer_budget, select_neurons
 from .summary import SelectionLogCallback, format_summary, selection_summary, summary_metrics, warn_unscored_layers
 from .targets import find_target_layers
+from .untrained import UntrainedGuard
 from .zero3 import gathered, model_is_partitioned
 
 logger = logging.get_logger(__name__)
@@ -46,7 +47,8 @@ class SparseNeuronMixin(NonFiniteGuardMixin):
     overrides run before the parent's and reach it through `super()`. Adds one argument, `sparse_config`.
 
     A step whose loss or slice gradients are non-finite is skipped (`nonfinite.py`; the config's
-    `nonfinite_guard` / `max_nonfinite_steps`).
+    `nonfinite_guard` / `max_nonfinite_steps`); a run whose slices get no gradient or do not move stops with
+    `SlicesNotTrainingError` (`untrained.py`; the config's `untrained_guard`).
 
     Callbacks may define `on_neurons_selected(args, state, control, model, selection, summary)`; it is
     called once the slices are in place, before the optimizer exists."""
@@ -66,6 +68,10 @@ class SparseNeuronMixin(NonFiniteGuardMixin):
         self.max_nonfinite_steps = self.sparse_config.max_nonfinite_steps
         self.cudnn_attention = self.sparse_config.cudnn_attention
         self._make_nonfinite_guard()
+        self.nonfinite.untrained = UntrainedGuard(self.sparse_config.untrained_guard,
+                                                  step_source=lambda: self.state.global_step,
+                                                  every=lambda: int(self.state.logging_steps or 0),
+                                                  watched=self._slices_among)
         self.sparse_summary: Optional[dict] = None
         self._sparse_optimizer = None  # the optimizer this trainer built, rebuilt when the slices change
         self._selection_log = SelectionLogCallback(self.log)
@@ -197,11 +203,22 @@ class SparseNeuronMixin(NonFiniteGuardMixin):
             resume_from_checkpoint = None
         if resume_from_checkpoint is not None:
             require_complete_checkpoint(resume_from_checkpoint)
+        if self.sparse_config.untrained_guard and self.args.learning_rate == 0:
+            raise ValueError("learning_rate=0 trains nothing: set a positive learning rate (or "
+                             "SparseNeuronConfig(untrained_guard=False) to run anyway)")
+        self.nonfinite.untrained.verified = False  # every run proves again that its slices move
         self.prepare_sparse_model(resume_from_checkpoint)
         resume_patch = _deepspeed_resume_without_frozen_weights() if (
             resume_from_checkpoint and self.is_deepspeed_enabled) else contextlib.nullcontext()
         with resume_patch:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _slices_among(self, params: list) -> list:
+        """The slice tensors among an optimizer's parameters; all of them when it holds none by identity
+        (DeepSpeed steps flattened partitions of the slices)."""
+        ids = {id(p) for m in sliced_modules(self.model).values() for p in (m.delta, m.bias_delta) if p is not None}
+        slices = [p for p in params if id(p) in ids]
+        return slices if slices else params
 
     def create_optimizer(self, model=None):
         """SliceAdamW over the slices only (also what DeepSpeed wraps: ship configs without an optimizer block).

@@ -1,0 +1,98 @@
+"""Stop a run whose slices do not train, instead of letting it report success over an untouched model.
+
+A wrapper or compiler that drops the slices' gradient, a hook that detaches the sliced layers' outputs, or a
+learning rate of zero all give a run whose loss looks ordinary while every slice stays where it started; the
+Trainer then saves an adapter of zeros. The guard looks at optimizer steps that were actually taken (not skipped
+as non-finite): the first ones until one with a positive learning rate has been verified, then every logging step.
+On such a step it checks that some slice holds a non-zero finite gradient before the update and that some slice
+changed in it; the two flags are all-reduced (MAX) so every rank decides alike, and either failing raises
+`SlicesNotTrainingError` out of `train()`.
+
+Cost, on checked steps only: three multi-tensor norms over the slices (before the update: gradients and values;
+after: values) and one two-element all-reduce with a host sync; nothing on the other steps."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .nonfinite import flag_device
+
+LIKELY_CAUSES = (
+    "Likely causes: a compiled or wrapped model whose graph loses the slices' gradient (torch.compile: see "
+    "docs/torch_compile.md); forward hooks or a wrapper that replace or detach the sliced layers' outputs; the sliced "
+    "layers off the loss's path (run under torch.no_grad, or their output unused); a learning rate of zero; bfloat16 "
+    "slices whose updates round away (slice_dtype='float32'). Try the same run without torch_compile or the "
+    "wrapper, check that loss.backward() reaches a layer's `delta`, or set SparseNeuronConfig(untrained_guard=False) "
+    "to train anyway.")
+
+
+class SlicesNotTrainingError(RuntimeError):
+    """Raised when an optimizer step found no slice with a gradient, or changed no slice."""
+
+
+class UntrainedGuard:
+    """Per-step check that the slices receive gradients and move. `step_source()` gives the optimizer steps done
+    before this one, `every()` the logging interval; `watched(params)` picks the slices among an optimizer's
+    parameters (all of them when it recognises none, as under DeepSpeed's flattened partitions)."""
+
+    def __init__(self, enabled: bool = True, step_source: Optional[Callable[[], int]] = None,
+                 every: Optional[Callable[[], int]] = None,
+                 watched: Optional[Callable[[list], list]] = None):
+        self.enabled = enabled
+        self.step_source = step_source or (lambda: 0)
+        self.every = every or (lambda: 0)
+        self.watched = watched or (lambda params: params)
+        self.verified = False  # a step with a positive learning rate moved the slices
+
+    def due(self, step: int) -> bool:
+        every = self.every()
+        return self.enabled and (not self.verified or (every > 0 and step % every == 0))
+
+    def before_step(self, optimizer: torch.optim.Optimizer):
+        """What the check after the update needs, or None when this step is not checked."""
+        step = self.step_source() + 1
+        if not self.due(step):
+            return None
+        params = [p for p in self.watched([p for g in optimizer.param_groups for p in g["params"]])]
+        lr_positive = any(float(g.get("lr", 0.0)) > 0 for g in optimizer.param_groups)
+        grads = [p.grad for p in params if p.grad is not None]
+        device = params[0].device if params else torch.device("cpu")
+        if grads:
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            has_grad = ((norms > 0) & torch.isfinite(norms)).any().to(device)
+        else:
+            has_grad = torch.zeros((), dtype=torch.bool, device=device)
+        values = _norms(params)
+        return step, params, has_grad, values, lr_positive
+
+    def after_step(self, pending) -> None:
+        if pending is None:
+            return
+        step, params, has_grad, before, lr_positive = pending
+        changed = torch.ones((), dtype=torch.bool, device=has_grad.device)  # not checkable at lr 0
+        if lr_positive and before is not None:
+            changed = (_norms(params) != before).any().to(has_grad.device)
+        flags = torch.stack([has_grad, changed]).to(torch.int32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flags = flags.to(flag_device(flags.device))
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # any rank's slices training is the run training
+        has_grad, changed = (bool(v) for v in flags.tolist())
+        n = len(params)
+        if not has_grad:
+            raise SlicesNotTrainingError(
+                f"optimizer step {step}: none of the {n} trainable slice tensors received a non-zero finite "
+                f"gradient, so this run would train nothing. {LIKELY_CAUSES}")
+        if not changed:
+            raise SlicesNotTrainingError(
+                f"optimizer step {step}: the slices received gradients but the update changed none of the {n} slice "
+                f"tensors, so this run would train nothing. {LIKELY_CAUSES}")
+        if lr_positive:
+            self.verified = True
+
+
+def _norms(params: list) -> Optional[torch.Tensor]:
+    if not params:
+        return None
+    return torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in params])])
