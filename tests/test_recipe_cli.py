@@ -119,7 +119,8 @@ def test_files_are_checked_before_anything_loads(capsys, tmp_path):
              (data + ["--tasks", "piqa"], "Unknown task(s) ['piqa']"),
              (data + ["--adapter_dir", str(tmp_path / "no-adapter")], "--adapter_dir"),
              (data + ["--train_file", str(tmp_path / "no.json")], "--train_file"),
-             (["--model_name_or_path", str(tmp_path / "m.gguf")] + data, "GGUF file not found")]
+             (["--model_name_or_path", str(tmp_path / "m.gguf")] + data, "GGUF file not found"),
+             (data, f"--model_name_or_path {tmp_path / 'none'}: no such folder")]
     for argv, message in cases:
         assert message in _error_line(capsys, no_model + argv, run_main=True)
     assert not (tmp_path / "o").exists()
@@ -146,3 +147,14 @@ def test_the_script_exits_2_without_a_traceback_and_without_loading(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == ("llama_commonsense.py: error: --max_train_samples 0: must be an "
                                                     "integer >= 1 or -1 (all).")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_missing_model_folder_is_one_line_and_exit_code_2(tmp_path):
+    """A newcomer's typo in the model path: one error line, not a loader traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "llama_commonsense.py"), "--model_name_or_path",
+                           "/nonexistent", "--output_dir", str(tmp_path / "o")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("llama_commonsense.py: error: --model_name_or_path /nonexistent: "
+                                                    "no such folder (a hub id is written org/name).")

@@ -78,6 +78,11 @@ def check_flags(model_args, data_args, sparse_config, train_args) -> None:
     _number("warmup_steps", t.warmup_steps, 0.0, low_open=False)
 
 
+def _is_local_path(name: str) -> bool:
+    """A path, not a hub id ("org/name"): absolute, relative with ./ or ~, or more than one folder deep."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 def check_inputs(model_args, data_args) -> None:
     """The files the flags name: they exist, and an LLM-Adapters folder has the asked-for test tasks (file names
     only, no record is read)."""
@@ -91,3 +96,6 @@ def check_inputs(model_args, data_args) -> None:
     source = sources.resolve_source(d.data_source, d.data_dir, d.train_file, d.validation_per_task)
     if source == "local":
         sources.pick_eval_tasks(source, d.data_dir, d.tasks, d.validation_per_task)
+    if _is_local_path(m.model_name_or_path) and not Path(m.model_name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"--model_name_or_path {m.model_name_or_path}: no such folder (a hub id is written "
+                                "org/name).")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import faulthandler
 import json
 import os
 import subprocess
@@ -154,11 +155,14 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--jobs", type=int, default=3)
+    p.add_argument("--watchdog", type=float, default=240, help="seconds before a run is dumped and ended (0: never)")
     p.add_argument("--tiny", action="store_true", help="CPU dry run on a tiny model (checks this script only)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     if a.worker:
+        if a.watchdog > 0:  # a hung compile or kernel prints every thread's stack and ends the run
+            faulthandler.dump_traceback_later(a.watchdog, exit=True)
         print(json.dumps(worker(a.worker, a.layers, a.steps, a.tiny)), flush=True)
         return
     names = [n for n in a.variants.split(",") if n]
@@ -170,18 +174,23 @@ def main() -> None:
     log = open(os.path.join(a.out, "log.txt"), "a")
     pending = list(names)
     running = []
+    os.makedirs(SLICES, exist_ok=True)
     while pending or running:
         while pending and len(running) < a.jobs:
             n = pending.pop(0)
             cmd = [sys.executable, __file__, "--out", a.out, "--layers", str(a.layers), "--steps", str(a.steps),
-                   "--worker", n] + (["--tiny"] if a.tiny else [])
-            running.append((n, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+                   "--watchdog", str(a.watchdog), "--worker", n] + (["--tiny"] if a.tiny else [])
+            # output to a file: a chatty run (recompilation warnings) would fill a pipe and block on its writes
+            sink = open(os.path.join(SLICES, f"{n}.log"), "w+")
+            running.append((n, subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True), sink))
         time.sleep(2)
-        for n, proc in list(running):
+        for n, proc, sink in list(running):
             if proc.poll() is None:
                 continue
-            running.remove((n, proc))
-            text = proc.stdout.read()
+            running.remove((n, proc, sink))
+            sink.seek(0)
+            text = sink.read()
+            sink.close()
             log.write(f"==== {n} (exit {proc.returncode})\n{text[-6000:]}\n")
             log.flush()
             last = [line for line in text.splitlines() if line.startswith("{\"variant\"")]
