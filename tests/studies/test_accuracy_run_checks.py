@@ -1,4 +1,4 @@
-"""benchmarks/accuracy/run_checks.py: runs that did not really train are refused, what counted runs did is flagged;
+"""studies/accuracy/run_checks.py: runs that did not really train are refused, what counted runs did is flagged;
 and the aggregate of an issue-17 folder (synthetic runs whose numbers are known) leaves the refused runs out of the
 means and the targets, shows the flags, and takes memory / speed from the solo phase."""
 from __future__ import annotations
@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import aggregate, run_checks, studies  # noqa: E402
+from studies.accuracy import aggregate, run_checks, studies  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
+
+
+pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 def _as_read(results: dict) -> dict:
@@ -178,7 +181,7 @@ def test_memory_and_speed_come_from_the_solo_phase(qwen_folder):
 def test_runs_of_an_earlier_tunings_lr_stay_in_the_tables_but_not_in_the_targets(tmp_path):
     """Full FT re-tuned to a lower lr after two seeds ran at the old one: the old runs are kept and flagged, the
     targets compare against the tuned lr's runs only, and README's table leaves them out."""
-    from benchmarks.accuracy import readme_table, tuning
+    from studies.accuracy import readme_table, tuning
 
     studies.mark_folder(tmp_path, studies.QWEN15)
     for seed in (1, 2):

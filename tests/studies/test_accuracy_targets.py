@@ -1,4 +1,4 @@
-"""benchmarks/accuracy/targets.py: the chance / constant-answer baselines and the issue-8 target checks, on
+"""studies/accuracy/targets.py: the chance / constant-answer baselines and the issue-8 target checks, on
 synthetic results whose answers are known; and sweep.py's --lr diagnostic override."""
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import sweep, targets  # noqa: E402
+from studies.accuracy import sweep, targets  # noqa: E402
+
+
+pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 def _run(seed, tasks, phase="test"):

@@ -8,7 +8,7 @@ runtime, and setup seconds (the wall time of trainer.train() beyond its runtime:
 surgery for the sparse configs)."""
 from __future__ import annotations
 
-from benchmarks.accuracy.stats import mean, training_means
+from studies.accuracy.stats import mean, training_means
 
 
 def summarize(runs: list[dict]) -> list[dict]:

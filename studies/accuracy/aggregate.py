@@ -1,7 +1,7 @@
 """Aggregate an accuracy sweep: every <out>/runs/<name>/{run.json, results.json[.gz]} ->
 <out>/accuracy.json, accuracy.csv, accuracy.png, accuracy.md.
 
-    python benchmarks/accuracy/aggregate.py <out>
+    python studies/accuracy/aggregate.py <out>
 
 Per config (phase, config, learning rate): mean and std over seeds of each task's accuracy and of the average
 (the recipe's results.json: after.tasks.<task>.accuracy and after.average, fractions in [0, 1]; a zero-shot run's
@@ -24,13 +24,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: the repo root on sys.path for `benchmarks.accuracy`
+if __package__ in (None, ""):  # run as a script: the repo root on sys.path for `studies.accuracy`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.accuracy import run_checks, run_results, solo, studies, targets, tradeoff, tuning  # noqa: E402
-from benchmarks.accuracy.run_results import evaluation  # noqa: E402
-from benchmarks.accuracy.stats import mean as _mean, mean_std, nan_blank as _nan_blank, training_means  # noqa: E402
-from benchmarks.accuracy.studies import SMOLLM2, Study  # noqa: E402
+from studies.accuracy import run_checks, run_results, solo, studies, targets, tradeoff, tuning  # noqa: E402
+from studies.accuracy.run_results import evaluation  # noqa: E402
+from studies.accuracy.stats import mean as _mean, mean_std, nan_blank as _nan_blank, training_means  # noqa: E402
+from studies.accuracy.studies import SMOLLM2, Study  # noqa: E402
 from benchmarks.report import write_json  # noqa: E402
 
 PHASES = ("test", "tune")  # the phases with accuracy tables (a study's "solo" phase has its own)

@@ -4,10 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.accuracy import readme_table
+from studies.accuracy import readme_table
 
-REPO = Path(__file__).resolve().parents[1]
-FOLDER = "benchmarks/results/accuracy_qwen15"
+REPO = Path(__file__).resolve().parents[2]
+FOLDER = "studies/accuracy/results/qwen15"
+
+
+pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 def test_readme_block_matches_the_committed_results(monkeypatch):
@@ -18,7 +21,7 @@ def test_readme_block_matches_the_committed_results(monkeypatch):
     inside = text.split(start, 1)[1].split(readme_table.END, 1)[0]
     assert inside == readme_table.block(FOLDER), (
         f"README's table differs from {FOLDER}/accuracy.json: run "
-        f"python benchmarks/accuracy/readme_table.py {FOLDER} --write README.md")
+        f"python studies/accuracy/readme_table.py {FOLDER} --write README.md")
     # what the table is made of: every test config of the results, and the targets
     assert inside.count("\n| ") >= 9 and "Targets of issue 17" in inside
 

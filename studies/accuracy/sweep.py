@@ -2,16 +2,16 @@
 """Accuracy studies (issues 8, 17): recipes/llama_commonsense.py as parallel subprocesses on one device.
 
     # issue 8 (the default study): one H100, SmolLM2-135M-Instruct, the LLM-Adapters folder; tune then test
-    python benchmarks/accuracy/sweep.py --phase all --out benchmarks/results/accuracy \\
+    python studies/accuracy/sweep.py --phase all --out studies/accuracy/results/smollm2 \\
         --model_name_or_path <SmolLM2-135M-Instruct folder> --data_dir <commonsense folder> --dtype float32 \\
         --time_budget_s 470 --deadline_s 530
     # issue 17: one H200, Qwen2.5-Coder-1.5B-Instruct (safetensors folder), bf16; then each config alone
-    python benchmarks/accuracy/sweep.py --study qwen15 --phase all --out <folder> --model_name_or_path <Qwen folder> \\
+    python studies/accuracy/sweep.py --study qwen15 --phase all --out <folder> --model_name_or_path <Qwen folder> \\
         --data_dir <commonsense folder> --time_budget_s 500 --deadline_s 545
-    python benchmarks/accuracy/sweep.py --study qwen15 --phase solo ...          # memory / speed, one run at a time
-    python benchmarks/accuracy/sweep.py ... --dry_run      # the run list with every command line
-    python benchmarks/accuracy/sweep.py ... --smoke        # tiny grids on the CPU (a tiny model + data folder)
-    python benchmarks/accuracy/aggregate.py <out>          # the tables / plot again from what finished
+    python studies/accuracy/sweep.py --study qwen15 --phase solo ...          # memory / speed, one run at a time
+    python studies/accuracy/sweep.py ... --dry_run      # the run list with every command line
+    python studies/accuracy/sweep.py ... --smoke        # tiny grids on the CPU (a tiny model + data folder)
+    python studies/accuracy/aggregate.py <out>          # the tables / plot again from what finished
 
 Studies (studies.py: configs, lr grids, data sizes, targets): smollm2 (issue 8) and qwen15 (issue 17); the options'
 defaults below are smollm2's, with qwen15's where they differ.
@@ -58,10 +58,10 @@ from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # `benchmarks.accuracy.*`
+sys.path.insert(0, str(REPO))  # `studies.accuracy.*`
 
-from benchmarks.accuracy import aggregate, grid, run_results, studies, tuning  # noqa: E402
-from benchmarks.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
+from studies.accuracy import aggregate, grid, run_results, studies, tuning  # noqa: E402
+from studies.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
 
 RECIPE = REPO / "recipes" / "llama_commonsense.py"
 

@@ -14,8 +14,8 @@ import math
 from collections import Counter
 from typing import Optional
 
-from benchmarks.accuracy.grid import IMPORTANCES
-from benchmarks.accuracy.studies import SMOLLM2, Study
+from studies.accuracy.grid import IMPORTANCES
+from studies.accuracy.studies import SMOLLM2, Study
 
 METRICS = {"average": "generation", "choice_average": "ranked labels"}
 

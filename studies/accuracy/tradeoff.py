@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional
 
-from benchmarks.accuracy.stats import nan_blank
-from benchmarks.accuracy.targets import METRICS
+from studies.accuracy.stats import nan_blank
+from studies.accuracy.targets import METRICS
 
 
 def _short(config: str) -> str:

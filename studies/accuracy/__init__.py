@@ -1,5 +1,5 @@
 """Accuracy studies (issues 8, 17): sparse-neuron fine-tuning vs LoRA / DoRA / full FT on commonsense reasoning,
-as parallel runs of recipes/llama_commonsense.py. Run `python benchmarks/accuracy/sweep.py --help`; README.md has
+as parallel runs of recipes/llama_commonsense.py. Run `python studies/accuracy/sweep.py --help`; README.md has
 the commands of each study.
 
     studies.py    the studies (smollm2: issue 8, qwen15: issue 17): configs, lr grids, data sizes, targets

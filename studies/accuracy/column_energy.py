@@ -5,8 +5,8 @@ weight whatever the column, so the output moves in proportion to the activation 
 columns. This script measures, on the study's own training batches, the share of each layer's input energy that
 each criterion's per-layer column selection (the study's budget) carries, against k / d_in for a uniform pick.
 
-    python benchmarks/accuracy/column_energy.py --data_dir ../shared/data/commonsense --batches 8 \
-        --out benchmarks/results/accuracy/column_energy.json
+    python studies/accuracy/column_energy.py --data_dir ../shared/data/commonsense --batches 8 \
+        --out studies/accuracy/results/smollm2/column_energy.json
 
 CPU, SmolLM2-135M-Instruct (offline), ~1 min per data-driven criterion at 8 batches of 16.
 """
@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "recipes")]
 
-from benchmarks.accuracy import grid  # noqa: E402
+from studies.accuracy import grid  # noqa: E402
 from commonsense.modeling import load_model_and_tokenizer, smollm2_offline_dir  # noqa: E402
 from commonsense.prompting import tokenize_dataset  # noqa: E402
 from commonsense.sources import load_commonsense  # noqa: E402

@@ -11,9 +11,9 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from benchmarks.accuracy import run_checks
-from benchmarks.accuracy.grid import lr_tag
-from benchmarks.accuracy.studies import SMOLLM2, Study
+from studies.accuracy import run_checks
+from studies.accuracy.grid import lr_tag
+from studies.accuracy.studies import SMOLLM2, Study
 
 RULE = "highest validation average accuracy of the family's tuned config; ties -> smaller lr"
 RULE_PICK = ("highest validation average accuracy over the family's tuned configs and lrs; ties -> smaller lr, then "

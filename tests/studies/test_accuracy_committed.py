@@ -1,4 +1,4 @@
-"""The committed issue-8 results (benchmarks/results/accuracy, accuracy_lr_check) regenerate byte for byte from their
+"""The committed issue-8 results (studies/accuracy/results/smollm2, smollm2_lr_check) regenerate byte for byte from their
 runs with today's aggregate and tuning: adding studies (issue 17) must not change what the 135M study reports."""
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import aggregate, studies, tuning  # noqa: E402
+from studies.accuracy import aggregate, studies, tuning  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = REPO / "studies" / "accuracy" / "results"
 
 
-@pytest.mark.parametrize("folder", ["accuracy", "accuracy_lr_check"])
+pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
+
+
+@pytest.mark.parametrize("folder", ["smollm2", "smollm2_lr_check"])
 def test_committed_aggregate_regenerates_identically(tmp_path, folder):
     src = RESULTS / folder
     if not (src / "runs").is_dir():

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from benchmarks.accuracy.run_results import evaluation
-from benchmarks.accuracy.targets import constant_share
+from studies.accuracy.run_results import evaluation
+from studies.accuracy.targets import constant_share
 
 LOGGED = ("loss", "grad_norm")  # log_history values that must stay finite
 

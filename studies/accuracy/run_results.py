@@ -4,7 +4,7 @@ Each results.json holds every evaluated item's generation (~290 KB); gzipped it 
 are gzipped so that the working tree, which every device call copies next to the model parts (64 MiB in
 all), stays small. Readers accept either form; a run with either is finished (the sweep skips it).
 
-    python benchmarks/accuracy/run_results.py <out> [<out> ...]    # gzip every <out>/runs/*/results.json
+    python studies/accuracy/run_results.py <out> [<out> ...]    # gzip every <out>/runs/*/results.json
 
 It also removes the folders of runs that were still going when the sweep folder was copied (neither results nor a
 failures.txt: stage qwen15-bg copies the folder while its detached sweep runs); the sweep would run them again.

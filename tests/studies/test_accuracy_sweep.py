@@ -1,4 +1,4 @@
-"""The accuracy sweep (benchmarks/accuracy/) on CPU: the run grid and its parameter arithmetic, the parallel
+"""The accuracy sweep (studies/accuracy/) on CPU: the run grid and its parameter arithmetic, the parallel
 launcher (budget, deadline, resume), the learning-rate choice and the aggregate; end to end, sweep.py --smoke
 runs recipes/llama_commonsense.py as subprocesses on a tiny Llama + tiny LLM-Adapters folder, and the numbers
 it writes are checked against the runs' own results.json and against grid.py's predictions."""
@@ -13,19 +13,22 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "recipes"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO / "tests"))  # the shared test modules (test_recipe_*)
 
-from benchmarks.accuracy import grid, sweep, tuning  # noqa: E402
-from benchmarks.accuracy.studies import SMOLLM2  # noqa: E402
-from benchmarks.accuracy.launcher import Job, SweepLog, _estimate, run_jobs  # noqa: E402
+from studies.accuracy import grid, sweep, tuning  # noqa: E402
+from studies.accuracy.studies import SMOLLM2  # noqa: E402
+from studies.accuracy.launcher import Job, SweepLog, _estimate, run_jobs  # noqa: E402
 from test_recipe_commonsense import make_tokenizer  # noqa: E402
 from test_recipe_llama_commonsense import CONFIG as RECIPE_TEST_CONFIG, LORA_R2, _records  # noqa: E402
 
 # the tiny model of this file: hidden 64, intermediate 128, 2 layers, 4 heads / 2 kv heads of 16
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 # ------------------------------------------------------------------ grid: the run list and its arithmetic
@@ -179,7 +182,7 @@ def test_launcher_slots_a_wide_job_waits_for_room(tmp_path):
 
 
 def test_a_run_that_failed_max_failures_times_is_given_up(tmp_path):
-    from benchmarks.accuracy import aggregate, studies
+    from studies.accuracy import aggregate, studies
 
     log = SweepLog(tmp_path / "log.txt", time.time())
     out = tmp_path / "out"
@@ -234,7 +237,7 @@ def test_aggregate_alone_on_synthetic_results(tmp_path):
     _synthetic_run(tmp_path, "tune", "full", "full", 1, 2e-5, {"val_boolq": 0.3})
     (tmp_path / "runs" / "unfinished").mkdir()  # a run without results.json is ignored
     (tmp_path / "runs" / "unfinished" / "run.json").write_text("{}")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "accuracy" / "aggregate.py"), str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(REPO / "studies" / "accuracy" / "aggregate.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = json.loads((tmp_path / "accuracy.json").read_text())

@@ -1,4 +1,4 @@
-"""benchmarks/accuracy/run_results.py: committed runs are gzipped; the aggregate reads them as before and the
+"""studies/accuracy/run_results.py: committed runs are gzipped; the aggregate reads them as before and the
 sweep counts them as finished."""
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import aggregate, run_results  # noqa: E402
-from benchmarks.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
+from studies.accuracy import aggregate, run_results  # noqa: E402
+from studies.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
+
+
+pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 def _finished_run(out: Path, name: str, average: float) -> Path:
@@ -86,7 +91,7 @@ def test_per_run_plots_are_dropped_and_redraw_from_the_committed_results(tmp_pat
         (d / run_results.RUN_PLOT).write_bytes(b"\x89PNG")
     assert run_results.drop_run_plots(tmp_path) == [done / run_results.RUN_PLOT]
     assert not (done / run_results.RUN_PLOT).exists() and (going / run_results.RUN_PLOT).is_file()
-    committed = REPO / "benchmarks/results/accuracy_qwen15/runs/test-lora_r16-lr3e-4-s1"
+    committed = REPO / "studies/accuracy/results/qwen15/runs/test-lora_r16-lr3e-4-s1"
     assert not (committed / run_results.RUN_PLOT).exists()
     res = run_results.read(committed)
     png = report.plot_before_after(res.get("before"), res.get("after"), tmp_path / "redrawn.png", "lora_r16")

@@ -1,4 +1,4 @@
-"""benchmarks/accuracy/column_energy.py: input-feature energy from hooks equals a dense recomputation of the
+"""studies/accuracy/column_energy.py: input-feature energy from hooks equals a dense recomputation of the
 layer inputs, shares are right for known selections, and the script runs end to end on a tiny model."""
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.accuracy import column_energy  # noqa: E402
+from studies.accuracy import column_energy  # noqa: E402
 from sprune_trainer.targets import find_target_layers  # noqa: E402
 from test_accuracy_sweep import tiny  # noqa: E402,F401  (the tiny model + LLM-Adapters folder fixture)
+
+
+pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 def _model():

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from benchmarks.accuracy import run_results
+from studies.accuracy import run_results
 
 FAILURES = run_results.FAILURES
 

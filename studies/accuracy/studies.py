@@ -1,13 +1,13 @@
 """The accuracy studies a sweep can run (`sweep.py --study NAME`): the model, the configs, the learning-rate grids,
 the run order, the data sizes, each run's share of the GPU and the targets. Recipe, launcher and aggregate are shared.
 
-    smollm2  issue 8, the default (so the committed benchmarks/results/accuracy regenerates as it was made):
+    smollm2  issue 8, the default (so the committed studies/accuracy/results/smollm2 regenerates as it was made):
              SmolLM2-135M-Instruct; full, LoRA r8 / r16, DoRA r8, sparse {random, l2, taylor, hessian, zeroth_order}
              x {per_layer, global} x {rows, columns}; 4,000 training examples, 200 items per test set.
     qwen15   issue 17: Qwen2.5-Coder-1.5B-Instruct, bf16 weights (full FT: fp32 master weights); zero-shot, full,
              LoRA r16, DoRA r16, sparse per-layer rows {taylor, zeroth_order, l2, random}, and one columns config
              picked on validation; 6,000 training examples, 200 validation items per training task, 500 items per
-             test set; a solo phase for peak memory and tokens/s. Results: benchmarks/results/accuracy_qwen15.
+             test set; a solo phase for peak memory and tokens/s. Results: studies/accuracy/results/qwen15.
 
 A results folder says which study made it in study.json (none: smollm2, the folder of issue 8).
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from benchmarks.accuracy import grid
-from benchmarks.accuracy.grid import Config, LlamaShape, Run
+from studies.accuracy import grid
+from studies.accuracy.grid import Config, LlamaShape, Run
 
 STUDY_FILE = "study.json"
 
@@ -153,7 +153,7 @@ QWEN15 = Study(
     name="qwen15", issue=17, model="Qwen2.5-Coder-1.5B-Instruct", shape=grid.QWEN25_CODER_15B,
     families=("zero_shot", "full", "lora", "dora", "sparse_rows", "sparse_columns"),
     # the first grids' best lr sat at their low edge for full FT (1e-5), l2 rows (1e-4) and taylor columns
-    # (1e-4) on validation (benchmarks/results/accuracy_qwen15, tune phase): those families got one lower lr.
+    # (1e-4) on validation (studies/accuracy/results/qwen15, tune phase): those families got one lower lr.
     # Full FT's best then moved to the new edge (5e-6: 75.6 vs 73.5 at 1e-5), so it got 2e-6 too: a baseline
     # tuned only up to its grid's edge would flatter ours. LoRA's and DoRA's best (3e-4) is inside their grids.
     lr_grids={"full": (2e-6, 5e-6, 1e-5, 2e-5, 5e-5), "lora": (1e-4, 3e-4, 1e-3), "dora": (1e-4, 3e-4, 1e-3),

@@ -1,4 +1,4 @@
-"""The issue-17 study (benchmarks/accuracy/studies.py, qwen15): its parameter budgets against the real Qwen2 shapes
+"""The issue-17 study (studies/accuracy/studies.py, qwen15): its parameter budgets against the real Qwen2 shapes
 (a Qwen2Config built here on the meta device, PEFT and the slice injection counting what they train), its run list
 and order, the command lines the recipe's own parser reads, the one-study-per-folder rule, the choice of the
 columns config on validation, and end to end on the CPU (a tiny Qwen2 with q/k/v biases): tune -> pick -> test ->
@@ -11,18 +11,21 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "recipes"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO / "tests"))  # the shared test modules (test_recipe_*)
 
-from benchmarks.accuracy import grid, studies, sweep, tuning  # noqa: E402
-from benchmarks.accuracy.studies import QWEN15  # noqa: E402
+from studies.accuracy import grid, studies, sweep, tuning  # noqa: E402
+from studies.accuracy.studies import QWEN15  # noqa: E402
 
 TARGETS = list(grid.TARGETS)
 # Qwen2.5-Coder-1.5B-Instruct (its GGUF's metadata)
 QWEN15_CONFIG = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                      num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+
+
+pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 def _meta_qwen2(layers: int):
