@@ -46,7 +46,7 @@ MODEL=/tmp/sc/SmolLM2-135M-Instruct  # safetensors folder converted from the GGU
 ACC=/tmp/accuracy                    # kept on the machine between calls so that stage accuracy resumes
 Q15=/tmp/q15                         # issue 17: Qwen2.5-Coder-1.5B-Instruct, safetensors folder (the lead's staging)
 ACC15=/tmp/accuracy_qwen15           # issue 17's sweep folder, kept between calls like $ACC
-Q=benchmarks/quantization
+Q=studies/quantization
 # The device returns at most 8 files from $OUT, two folders down: each call packs its results into one archive.
 FINAL=${OUT:-outputs/device}
 OUT=$(mktemp -d /tmp/out.XXXX)
@@ -144,7 +144,7 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
       nvidia-smi -L
       python -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
       python -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>/dev/null || echo "bitsandbytes: not staged (stage-bnb)" ;;
-    quant-tests) python -m pytest -q -rs -p no:cacheprovider tests/test_quantization.py tests/test_quantization_benchmarks.py 2>&1 | tail -25 ;;
+    quant-tests) python -m pytest -q -rs -p no:cacheprovider tests/test_quantization.py tests/studies/test_quantization_scripts.py 2>&1 | tail -25 ;;
     speed) python $Q/qlora_speed.py --shapes smollm2-135m,llama2-7b --out "$OUT/qlora_speed.json" 2>&1 | tail -14 ;;
     recon-smollm2) python $Q/reconstruction_error.py --gguf "$GGUF" --layers all --out "$OUT/recon_smollm2.json" 2>&1 | tail -9 ;;
     recon-7b) python $Q/reconstruction_error.py --shapes llama2-7b --out "$OUT/recon_llama2_7b.json" 2>&1 | tail -16 ;;

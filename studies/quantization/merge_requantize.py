@@ -17,11 +17,11 @@ mean token KL between the two, for both adapters.
 Launch
 ------
 # CPU (a minute): random-init SmolLM2-135M shapes
-python benchmarks/quantization/merge_requantize.py --out outputs/quant/requant_cpu.json
+python studies/quantization/merge_requantize.py --out outputs/quant/requant_cpu.json
 # GPU: real SmolLM2 matrices, then the model-level loss change; and Llama-2-7B shapes
-python benchmarks/quantization/merge_requantize.py --gguf /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf --layers all \
+python studies/quantization/merge_requantize.py --gguf /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf --layers all \
     --model_level --out $OUT/requant_smollm2.json
-python benchmarks/quantization/merge_requantize.py --shapes llama2-7b --out $OUT/requant_llama2_7b.json
+python studies/quantization/merge_requantize.py --shapes llama2-7b --out $OUT/requant_llama2_7b.json
 """
 from __future__ import annotations
 

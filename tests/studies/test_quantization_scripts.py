@@ -1,4 +1,5 @@
-"""The quantization benchmark scripts run end to end (tiny shapes) and show what they are meant to show."""
+"""The quantization study's scripts (studies/quantization/) run end to end (tiny shapes) and show what they are
+meant to show."""
 import json
 import os
 import sys
@@ -7,8 +8,11 @@ import pytest
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'sprune_trainer[bnb]')")
 pytest.importorskip("peft")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "quantization"))
-from test_quantization import needs_4bit  # noqa: E402  (the same CPU probe and skip reason)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "studies", "quantization"))
+from test_quantization import needs_4bit  # noqa: E402  (the same CPU probe and skip reason; tests/ is on pythonpath)
+
+pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 @needs_4bit

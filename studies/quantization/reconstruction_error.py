@@ -7,13 +7,13 @@ for QLoRA (W_hat = dequant(Q(W)), adapter starts at 0), LoftQ (PEFT's loftq_init
 Launch
 ------
 # CPU (a minute): random-init SmolLM2-135M shapes, and real SmolLM2 layer 0 from the GGUF
-python benchmarks/quantization/reconstruction_error.py --out outputs/quant/recon_cpu_random.json
-python benchmarks/quantization/reconstruction_error.py --gguf .m/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+python studies/quantization/reconstruction_error.py --out outputs/quant/recon_cpu_random.json
+python studies/quantization/reconstruction_error.py --gguf .m/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
     --layers 0 --out outputs/quant/recon_cpu_smollm2_l0.json
 # GPU: every SmolLM2 layer, and random-init Llama-2-7B shapes (PEFT's loftq_init itself runs there)
-python benchmarks/quantization/reconstruction_error.py --gguf /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf --layers all \
+python studies/quantization/reconstruction_error.py --gguf /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf --layers all \
     --out $OUT/recon_smollm2.json
-python benchmarks/quantization/reconstruction_error.py --shapes llama2-7b --out $OUT/recon_llama2_7b.json
+python studies/quantization/reconstruction_error.py --shapes llama2-7b --out $OUT/recon_llama2_7b.json
 
 PEFT's loftq_init pins its work to cuda/xpu: on a GPU the script calls it; on a CPU it runs a line-for-line port
 (PEFT's own `_low_rank_decomposition`, the same bitsandbytes NF4 calls). On a GPU the port also runs on the first

@@ -1,4 +1,4 @@
-"""Shared by the quantization benchmarks: weight matrices (random real shapes or a real checkpoint), the NF4
+"""Shared by the quantization study's scripts: weight matrices (random real shapes or a real checkpoint), the NF4
 quantization they all use, the sparse and low-rank budgets, and the error measures.
 
 Every method quantizes the same way: bitsandbytes NF4, blocksize 64, no double quantization (what PEFT's LoftQ

@@ -4,7 +4,7 @@ r16 over the same Linear4bit) at the same trainable-parameter count, and the fro
 one run (issue 6). Random-init bf16 Llama shapes whose seven projections are quantized to NF4 (blocksize 64,
 compute bf16, uint8 storage: QLoRA's setup); measured by the same code as the main suite (benchmarks/measure.py).
 
-    python benchmarks/quantization/qlora_speed.py --shapes smollm2-135m,llama2-7b --out $OUT/qlora_speed.json
+    python studies/quantization/qlora_speed.py --shapes smollm2-135m,llama2-7b --out $OUT/qlora_speed.json
 
 Equal parameters: LoRA r16 trains sum 16 * (d_in + d_out); ours r rows train sum r * d_in; r is the nearest
 integer to equal (the table shows both counts)."""
