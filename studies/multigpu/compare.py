@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Read the multi-GPU runs of train_scale.py and check / tabulate them.
 
-python benchmarks/multigpu/compare.py RESULTS.json|RUNS_DIR [--markdown table.md] [--plot curves.png]
-python benchmarks/multigpu/compare.py --collect RUNS_DIR --status status.tsv --write RESULTS.json   (run_h200x2.sh)
+python studies/multigpu/compare.py RESULTS.json|RUNS_DIR [--markdown table.md] [--plot curves.png]
+python studies/multigpu/compare.py --collect RUNS_DIR --status status.tsv --write RESULTS.json   (run_h200x2.sh)
 
 Checks, against the single-GPU run (`--reference`, default single_gpu):
 * loss curves: every run with the same global batch, data and steps must match the reference at every step within

@@ -8,15 +8,15 @@ loaded by every run), the same data (sequence i depends only on --data_seed and 
 same --global_batch, the same samples in every optimizer step: a single GPU runs per_device_batch x GA micro-
 batches where two GPUs run one each (accelerate shards batch b of the sequential loader to rank b % world).
 
-Launch (from the repository root; the whole 2-GPU suite is benchmarks/multigpu/run_h200x2.sh)
+Launch (from the repository root; the whole 2-GPU suite is studies/multigpu/run_h200x2.sh)
 ------
-python benchmarks/multigpu/train_scale.py --init_model --model_dir /tmp/llama1b            # once: seeded init
-CUDA_VISIBLE_DEVICES=0 python benchmarks/multigpu/train_scale.py --model_dir /tmp/llama1b --out runs/single
-torchrun --nproc_per_node 2 benchmarks/multigpu/train_scale.py --model_dir /tmp/llama1b --out runs/ddp
-torchrun --nproc_per_node 2 benchmarks/multigpu/train_scale.py --model_dir /tmp/llama1b --out runs/zero2 \
+python studies/multigpu/train_scale.py --init_model --model_dir /tmp/llama1b            # once: seeded init
+CUDA_VISIBLE_DEVICES=0 python studies/multigpu/train_scale.py --model_dir /tmp/llama1b --out runs/single
+torchrun --nproc_per_node 2 studies/multigpu/train_scale.py --model_dir /tmp/llama1b --out runs/ddp
+torchrun --nproc_per_node 2 studies/multigpu/train_scale.py --model_dir /tmp/llama1b --out runs/zero2 \
     --deepspeed ds_configs/zero2.json            # or zero3.json / zero3_offload.json
 accelerate launch --config_file ds_configs/accelerate/zero3_1node.yaml --num_processes 2 \
-    benchmarks/multigpu/train_scale.py --model_dir /tmp/llama1b --out runs/zero3
+    studies/multigpu/train_scale.py --model_dir /tmp/llama1b --out runs/zero3
 # save -> resume: --steps 20 --save_steps 10 --final_adapter A, then the same with
 #   --resume_from <out>/train/checkpoint-10 --compare_adapter A
 # merge check (one process): --merge_check ADAPTER_DIR

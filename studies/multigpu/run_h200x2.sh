@@ -8,9 +8,9 @@
 # so loss curves are comparable step by step and tok/s compares equal micro-batches per GPU.
 #
 # Device command (wheels: ../shared/tools/gpu_wheels.sh, carry .whl):
-#   <install prefix printed by gpu_wheels.sh> bash benchmarks/multigpu/run_h200x2.sh
+#   <install prefix printed by gpu_wheels.sh> bash studies/multigpu/run_h200x2.sh
 # Results in $OUT (default runs/multigpu): results.json (every run), summary.md, logs.tar.gz.
-# Re-run a subset: ONLY="zero2 merge_check" bash benchmarks/multigpu/run_h200x2.sh (reuses $WORK/model).
+# Re-run a subset: ONLY="zero2 merge_check" bash studies/multigpu/run_h200x2.sh (reuses $WORK/model).
 # Knobs (env): STEPS=60 STEPS2=20 SEQ=1024 MB=8 GB=16 LR=3e-3 BUDGET=540 (seconds; runs that would not fit are skipped).
 set -uo pipefail
 T0=$SECONDS
@@ -25,7 +25,7 @@ HALF=$((STEPS2 / 2))
 ONLY=${ONLY:-}
 EXTRA=${EXTRA:-}  # e.g. EXTRA=--tiny for a CPU dry run
 PY=${PY:-python3}
-S=benchmarks/multigpu/train_scale.py
+S=studies/multigpu/train_scale.py
 mkdir -p "$OUT" "$WORK/runs" "$WORK/logs"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -38,7 +38,7 @@ want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
 left() { echo $((BUDGET - (SECONDS - T0))); }
 
 collect() {  # after every run, so a cut-off session still returns everything finished so far
-  $PY benchmarks/multigpu/compare.py --collect "$WORK/runs" --status "$STATUS" --write "$OUT/results.json" "$@" \
+  $PY studies/multigpu/compare.py --collect "$WORK/runs" --status "$STATUS" --write "$OUT/results.json" "$@" \
       >/dev/null 2>>"$WORK/logs/compare.err"
   tar czf "$OUT/logs.tar.gz" -C "$WORK" logs status.tsv 2>/dev/null
 }
@@ -116,7 +116,7 @@ run zero3_offload 60 150 $PY -m torch.distributed.run --nproc_per_node 2 --maste
 
 collect
 echo "== summary ($((SECONDS - T0)) s)"
-$PY benchmarks/multigpu/compare.py "$OUT/results.json" --markdown "$OUT/summary.md" --plot "$OUT/loss_curves.png" \
+$PY studies/multigpu/compare.py "$OUT/results.json" --markdown "$OUT/summary.md" --plot "$OUT/loss_curves.png" \
     2>&1 | tee "$WORK/logs/summary.txt"
 tar czf "$OUT/logs.tar.gz" -C "$WORK" logs status.tsv 2>/dev/null
 ls -la "$OUT"
