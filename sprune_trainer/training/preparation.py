@@ -45,7 +45,8 @@ class SlicePreparationMixin:
         if cfg.quantize_base and model_is_partitioned(self.model):
             raise ValueError("quantize_base needs whole full-precision weights, but this model is ZeRO-3 partitioned "
                              "(created after TrainingArguments(deepspeed=<ZeRO-3 config>)): create the model before "
-                             "the TrainingArguments, or load it with a BitsAndBytesConfig and leave quantize_base unset")
+                             "the TrainingArguments, or load it with a BitsAndBytesConfig and leave quantize_base "
+                             "unset")
 
     def _check_zero3_quantized_base(self) -> None:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
