@@ -5,7 +5,8 @@ All act on the same random-init model, one after another; `Prepared.undo()` give
 
     floor    nothing trainable; the embedding output requires grad, so backward runs through every layer to
              the inputs: the least any adapter method can cost (its own extra work = 0)
-    ours     sprune_trainer.inject_slices, r rows (or columns) per projection, random indices, SliceAdamW;
+    ours     sprune_trainer.layers.surgery.inject_slices, r rows (or columns) per projection, random indices,
+             SliceAdamW;
              rows save their inputs (recompute_slice_inputs=False) unless "recompute": rebuilt in backward from
              what the frozen model keeps (recompute_slice_inputs, the trainer's default for rows since the H200
              run);
@@ -96,7 +97,7 @@ class Prepared:
 
 
 def target_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    from sprune_trainer.targets import find_target_layers
+    from sprune_trainer.layers.targets import find_target_layers
     return find_target_layers(model, TARGETS)
 
 
@@ -140,8 +141,8 @@ def setup_floor(model, spec, lr):
 
 def setup_ours(model, spec, lr):
     from sprune_trainer import SliceAdamW, SparseNeuronConfig
-    from sprune_trainer.inject import CONFIG_ATTR, inject_slices
-    from sprune_trainer.nonfinite import NonFiniteGuard, without_cudnn_attention
+    from sprune_trainer.layers.surgery import CONFIG_ATTR, inject_slices
+    from sprune_trainer.training.nonfinite import NonFiniteGuard, without_cudnn_attention
 
     layers = target_layers(model)
     selection = random_selection(layers, spec.r, spec.axis)

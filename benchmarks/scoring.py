@@ -1,4 +1,4 @@
-"""One-off cost of importance scoring (`sprune_trainer.importance.score_neurons`) against one training epoch.
+"""One-off cost of importance scoring (`sprune_trainer.scoring.importance.score_neurons`) against one training epoch.
 
 A data-driven criterion runs `n` calibration batches (few, to save device time) and the result is
 extrapolated to `target` batches (the paper's 50): the batch iterator stamps the (synchronised) time each
@@ -50,7 +50,7 @@ def measure_scoring(model: nn.Module, criterion: str, batches: list[dict], targe
     """Time and peak memory of scoring `batches` with `criterion` in parts of `micro_batch_size` sequences
     (0 = whole batches)."""
     from sprune_trainer import SparseNeuronConfig
-    from sprune_trainer.importance import score_neurons
+    from sprune_trainer.scoring.importance import score_neurons
 
     layers = target_layers(model)
     n = len(batches)

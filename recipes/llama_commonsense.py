@@ -67,8 +67,7 @@ from commonsense.modeling import (DTYPES, METHODS, OFFLINE_DEFAULT, apply_peft, 
 from commonsense.progress import progress_bars  # noqa: E402
 from commonsense.prompting import tokenize_dataset  # noqa: E402
 from commonsense.sources import DATA_SOURCES, load_commonsense  # noqa: E402
-from sprune_trainer import SparseNeuronConfig  # noqa: E402
-from sprune_trainer.nonfinite import NonFiniteGuardMixin  # noqa: E402
+from sprune_trainer import NonFiniteGuardMixin, SparseNeuronConfig  # noqa: E402
 from sprune_trainer.config import (AXES, IMPORTANCE_NAMES, OPTIMIZER_STATES, QUANTIZE_BASES,  # noqa: E402
                                    SCOPES, SLICE_DTYPES)
 

@@ -120,9 +120,8 @@ class SparseNeuronConfig:
                           "scale for q/k/v and gate/up, act(gate) and up for down_proj: Llama / Mistral / Qwen2 "
                           "structure, found in the autograd graph; checked bit-exact on first use). Other layers, "
                           "quantized bases and activation checkpointing keep saving the input. None (default) = on "
-                          "for rows, off for columns (whose slices save only x[..., J]). Measured on one H200 at the "
-                          "Llama-2-7B shape: peak 1.18x -> 1.03x the frozen floor, tokens/s 0.94x -> 0.91x "
-                          "(benchmarks/results/h200/); False trades that memory back for the speed."},
+                          "for rows, off for columns (whose slices save only x[..., J]). False saves the inputs: "
+                          "faster, more memory."},
     )
     optimizer_state: str = field(
         default="float32",
@@ -154,9 +153,9 @@ class SparseNeuronConfig:
                           "learning rate unchanged, all ranks together) and warn with its step number."})
     cudnn_attention: bool = field(
         default=False,
-        metadata={"help": "Let training use PyTorch's cuDNN attention kernel. Off by default: on an H200 in bf16 its "
-                          "backward returned NaN gradients for a padded batch that the memory-efficient kernel "
-                          "handles (README: the bf16 finding)."})
+        metadata={"help": "Let training use PyTorch's cuDNN attention kernel. Off by default: in bf16 its "
+                          "backward has returned NaN gradients for a padded batch that the memory-efficient kernel "
+                          "handles."})
     untrained_guard: bool = field(
         default=True,
         metadata={"help": "Stop with SlicesNotTrainingError when an optimizer step finds no slice with a non-zero finite "
@@ -225,7 +224,7 @@ class SparseNeuronConfig:
             raise ValueError(f"modules_to_save must be None or a non-empty list of module names, got {ms!r}.")
 
     def _validate_scoring_options(self) -> None:
-        """The calibration, criterion and slice options of issue 20 (kept apart from validate() for easy merges)."""
+        """The calibration, criterion and slice options (validate() checks the others)."""
         micro = self.calibration_micro_batch_size
         if not (_is_int(micro) and micro >= 0):
             raise ValueError(f"calibration_micro_batch_size must be an integer >= 0 (0 = whole batches), "

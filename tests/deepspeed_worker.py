@@ -13,7 +13,7 @@ from nonfinite_injection import inject_nonfinite  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from sprune_trainer import SliceAdamW, SparseNeuronConfig, SparseNeuronTrainer  # noqa: E402
-from sprune_trainer.checkpoint import read_sparse_adapter  # noqa: E402
+from sprune_trainer.io.adapter import read_sparse_adapter  # noqa: E402
 
 ds_config, out = sys.argv[1], sys.argv[2]
 resume = os.path.join(out, "checkpoint-2") if sys.argv[3:] == ["resume"] else None

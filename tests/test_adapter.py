@@ -7,9 +7,9 @@ from torch import nn
 
 from conftest import tiny_llama_config, tiny_model
 from sprune_trainer import SparseNeuronConfig, SlicedLinear, load_sparse_adapter, merge_sparse, save_sparse_adapter
-from sprune_trainer import checkpoint as ckpt
-from sprune_trainer.inject import inject_slices, sliced_modules
-from sprune_trainer.targets import find_target_layers
+from sprune_trainer.io import adapter as ckpt
+from sprune_trainer.layers.surgery import inject_slices, sliced_modules
+from sprune_trainer.layers.targets import find_target_layers
 
 CFG = SparseNeuronConfig(neurons_per_layer=4, importance="random")
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from conftest import tiny_model
 from sprune_trainer import SparseNeuronConfig, load_sparse_adapter, merge_sparse, save_sparse_adapter
-from sprune_trainer import checkpoint as ckpt
-from sprune_trainer.inject import inject_slices, sliced_modules
+from sprune_trainer.io import adapter as ckpt
+from sprune_trainer.layers.surgery import inject_slices, sliced_modules
 from test_adapter import CFG, _random_selection, _sliced_model
 
 IDS = torch.arange(24).reshape(2, 12) % 128

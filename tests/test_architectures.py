@@ -5,7 +5,7 @@ from transformers import GemmaConfig, MistralConfig, Qwen2Config, TrainingArgume
 
 from conftest import TokenDataset, tiny_model
 from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, save_sparse_adapter
-from sprune_trainer.inject import sliced_modules
+from sprune_trainer.layers.surgery import sliced_modules
 
 SHAPE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sprune_trainer.config import SparseNeuronConfig
-from sprune_trainer.importance import IMPORTANCES, layer_seed, score_neurons, spsa_direction
+from sprune_trainer.scoring.importance import IMPORTANCES, layer_seed, score_neurons, spsa_direction
 
 torch.set_num_threads(2)
 

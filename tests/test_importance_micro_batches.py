@@ -6,9 +6,9 @@ import weakref
 import pytest
 import torch
 
-from sprune_trainer import importance as importance_module
-from sprune_trainer.calibration import micro_batches, split_rows
-from sprune_trainer.importance import score_neurons
+from sprune_trainer.scoring import importance as importance_module
+from sprune_trainer.scoring.calibration import micro_batches, split_rows
+from sprune_trainer.scoring.importance import score_neurons
 from test_importance import assert_scores_close, cfg, dense_grads, linears, tiny_causal_lm
 
 torch.set_num_threads(2)

@@ -9,8 +9,8 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 from conftest import tiny_llama_config
 from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, merge_sparse
-from sprune_trainer import checkpoint as ckpt
-from sprune_trainer.inject import inject_slices, sliced_modules
+from sprune_trainer.io import adapter as ckpt
+from sprune_trainer.layers.surgery import inject_slices, sliced_modules
 
 N_LABELS, SEQ = 3, 10
 

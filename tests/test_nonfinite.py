@@ -14,8 +14,8 @@ from conftest import TokenDataset, tiny_model
 from nonfinite_injection import inject_nonfinite
 from test_trainer import _args as trainer_args
 from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, save_sparse_adapter
-from sprune_trainer.checkpoint import META_NAME, WEIGHTS_NAME, _sha256, metadata_digest
-from sprune_trainer.nonfinite import NonFiniteGuardMixin, NonFiniteTrainingError
+from sprune_trainer.io.adapter import META_NAME, WEIGHTS_NAME, _sha256, metadata_digest
+from sprune_trainer.training.nonfinite import NonFiniteGuardMixin, NonFiniteTrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,7 +198,7 @@ def test_cudnn_attention_is_off_while_training_on_cuda(tmp_path, monkeypatch):
     """The bf16 finding: the trainer trains with cuDNN attention off on CUDA (flash / efficient / math stay on),
     restores the flags afterwards, and `cudnn_attention=True` leaves them alone. Checked through the flags that
     scaled_dot_product_attention reads, with the CPU run treated as a CUDA one."""
-    import sprune_trainer.nonfinite as nf
+    import sprune_trainer.training.nonfinite as nf
     real = nf.without_cudnn_attention
     monkeypatch.setattr(nf, "without_cudnn_attention", lambda device: real(torch.device("cuda")))
     assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from sprune_trainer.optim import (
+from sprune_trainer.optim.slice_adamw import (
     SliceAdamW,
     adam_state_bytes_per_param,
     dequantize_blockwise,
@@ -295,7 +295,7 @@ def test_bad_group_arguments_and_sparse_grads_raise():
 def test_flat_compressed_step_is_bitwise_the_per_slice_step(state_dtype, param_dtype, chunk_numel, monkeypatch):
     """The batched step (optim_flat) against the per-param loop (foreach=False), through a step where one
     param has no grad (that chunk falls back to per param) and a state_dict hand-over."""
-    from sprune_trainer import optim_flat
+    from sprune_trainer.optim import flat_state as optim_flat
     monkeypatch.setattr(optim_flat, "CHUNK_NUMEL", chunk_numel)
     torch.manual_seed(0)
     base = [torch.randn(s, dtype=param_dtype) for s in SHAPES]

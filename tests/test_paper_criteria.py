@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, save_sparse_adapter
-from sprune_trainer.heads import head_groups
-from sprune_trainer.importance import score_neurons
-from sprune_trainer.inject import inject_slices, sliced_modules
-from sprune_trainer.selection import select_neurons
-from sprune_trainer.sliced_linear import SlicedLinear
+from sprune_trainer.scoring.heads import head_groups
+from sprune_trainer.scoring.importance import score_neurons
+from sprune_trainer.layers.surgery import inject_slices, sliced_modules
+from sprune_trainer.scoring.selection import select_neurons
+from sprune_trainer.layers.sliced_linear import SlicedLinear
 from test_importance import assert_scores_close, cfg, dense_grads, linears, lm_batches, tiny_causal_lm
 from test_importance_micro_batches import padded_batches
 

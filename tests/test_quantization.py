@@ -14,12 +14,12 @@ from torch import nn
 
 from conftest import TokenDataset, random_batches, tiny_model, tiny_quantizable_llama_config
 from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, merge_sparse, save_sparse_adapter
-from sprune_trainer.inject import quantize_with_sparse_correction, sliced_modules
-from sprune_trainer.quantization import (bnb_kind, check_zero3_quant_storage, dequantize_weight, quantize_4bit,
-                                         quantize_8bit)
-from sprune_trainer.importance import score_neurons
-from sprune_trainer.sliced_linear import SlicedLinear
-from sprune_trainer.summary import selection_summary
+from sprune_trainer.layers.surgery import quantize_with_sparse_correction, sliced_modules
+from sprune_trainer.layers.quantization import (bnb_kind, check_zero3_quant_storage, dequantize_weight,
+                                                quantize_4bit, quantize_8bit)
+from sprune_trainer.scoring.importance import score_neurons
+from sprune_trainer.layers.sliced_linear import SlicedLinear
+from sprune_trainer.training.summary import selection_summary
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'sprune_trainer[bnb]')")
 warnings.filterwarnings("ignore", message="MatMul8bitLt")  # fp32 inputs are cast to fp16: expected on 8-bit bases

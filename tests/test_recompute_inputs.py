@@ -11,9 +11,9 @@ from conftest import tiny_model
 from sprune_trainer import SparseNeuronConfig
 from benchmarks.measure import set_checkpointing
 from benchmarks.saved_bytes import kept_bytes
-from sprune_trainer import recompute, sliced_linear
-from sprune_trainer.inject import inject_slices, sliced_modules
-from sprune_trainer.targets import find_target_layers
+from sprune_trainer.layers import recompute, sliced_linear
+from sprune_trainer.layers.surgery import inject_slices, sliced_modules
+from sprune_trainer.layers.targets import find_target_layers
 
 torch.set_num_threads(2)
 

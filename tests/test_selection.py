@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sprune_trainer import SparseNeuronConfig
-from sprune_trainer.selection import layer_budget, select_neurons
+from sprune_trainer.scoring.selection import layer_budget, select_neurons
 
 
 def test_per_layer_top_k_sorted_and_ties_to_lower_index():

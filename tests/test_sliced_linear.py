@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from sprune_trainer.sliced_linear import SlicedLinear
+from sprune_trainer.layers.sliced_linear import SlicedLinear
 
 
 def _layer(bias=False, seed=0):

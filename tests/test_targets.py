@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from conftest import tiny_llama_config, tiny_model
-from sprune_trainer.targets import find_target_layers
+from sprune_trainer.layers.targets import find_target_layers
 
 ATTN_MLP = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

@@ -10,8 +10,8 @@ from transformers import TrainerCallback, TrainingArguments
 from conftest import TokenDataset, tiny_model
 from sprune_trainer import (SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, merge_sparse,
                             save_sparse_adapter)
-from sprune_trainer.inject import sliced_modules
-from sprune_trainer.optim import SliceAdamW
+from sprune_trainer.layers.surgery import sliced_modules
+from sprune_trainer.optim.slice_adamw import SliceAdamW
 
 
 def _args(out, **kw):

@@ -11,9 +11,9 @@ from transformers import TrainerCallback
 
 from conftest import TokenDataset, tiny_model
 from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer, merge_sparse
-from sprune_trainer.checkpoint_dirs import COMPLETE_MARKER
-from sprune_trainer.inject import sliced_modules
-from sprune_trainer.optim import quantize_blockwise
+from sprune_trainer.io.checkpoints import COMPLETE_MARKER
+from sprune_trainer.layers.surgery import sliced_modules
+from sprune_trainer.optim.slice_adamw import quantize_blockwise
 from test_trainer import _args, _slice_state, _trainer
 
 RANDOM = SparseNeuronConfig(neurons_per_layer=4, importance="random")

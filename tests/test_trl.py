@@ -12,9 +12,9 @@ from datasets import Dataset  # noqa: E402
 from conftest import tiny_llama_config, tiny_model  # noqa: E402
 from sprune_trainer import (SparseNeuronConfig, SparseNeuronDPOTrainer, SparseNeuronSFTTrainer,  # noqa: E402
                             load_sparse_adapter)
-from sprune_trainer.importance import score_neurons  # noqa: E402
-from sprune_trainer.inject import sliced_modules  # noqa: E402
-from sprune_trainer.selection import select_neurons  # noqa: E402
+from sprune_trainer.scoring.importance import score_neurons  # noqa: E402
+from sprune_trainer.layers.surgery import sliced_modules  # noqa: E402
+from sprune_trainer.scoring.selection import select_neurons  # noqa: E402
 
 WORDS = ("the a cat dog bird sat ran flew on under over mat log tree and then it was red blue green big small "
          "why because yes no").split()
@@ -166,8 +166,8 @@ def test_peft_config_is_refused(tmp_path):
 
 def test_without_trl_the_import_error_names_the_extra(monkeypatch):
     import sprune_trainer
-    monkeypatch.delitem(sys.modules, "sprune_trainer.trl_trainer")
-    monkeypatch.delattr(sprune_trainer, "trl_trainer")
+    monkeypatch.delitem(sys.modules, "sprune_trainer.integrations.trl")
+    monkeypatch.delattr(sprune_trainer.integrations, "trl")
     monkeypatch.setitem(sys.modules, "trl", None)  # what an environment without trl gives on import
     with pytest.raises(ImportError, match=r"pip install 'sprune_trainer\[trl\]'"):
         from sprune_trainer import SparseNeuronSFTTrainer  # noqa: F401

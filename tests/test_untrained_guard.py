@@ -5,7 +5,7 @@ import torch
 
 from test_trainer import _slice_state, _trainer
 from sprune_trainer import SlicesNotTrainingError, SparseNeuronConfig
-from sprune_trainer.inject import sliced_modules
+from sprune_trainer.layers.surgery import sliced_modules
 
 
 def _detach_slice_paths(model):

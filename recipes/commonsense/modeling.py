@@ -108,7 +108,7 @@ def load_model_and_tokenizer(name_or_path: str = OFFLINE_DEFAULT, cache_dir: Opt
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
         kw = dict(attn)
         if load_in_bits:
-            from sprune_trainer.quantization import import_bitsandbytes
+            from sprune_trainer.layers.quantization import import_bitsandbytes
             import_bitsandbytes(f"--load_in_{load_in_bits}bit")
             kw["quantization_config"] = bitsandbytes_config(load_in_bits, torch_dtype or torch.bfloat16, zero3)
             if not zero3:
@@ -163,7 +163,7 @@ def apply_peft(model: nn.Module, method: str, r: int, alpha: float, dropout: flo
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) numbers of parameters; shared (tied) tensors counted once, 4-bit packed weights by the
     parameters they stand for."""
-    from sprune_trainer.summary import logical_numel
+    from sprune_trainer.training.summary import logical_numel
 
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():

@@ -30,9 +30,9 @@ from commonsense.modeling import load_model_and_tokenizer, smollm2_offline_dir  
 from commonsense.prompting import tokenize_dataset  # noqa: E402
 from commonsense.sources import load_commonsense  # noqa: E402
 from sprune_trainer import SparseNeuronConfig  # noqa: E402
-from sprune_trainer.importance import score_neurons  # noqa: E402
-from sprune_trainer.selection import select_neurons  # noqa: E402
-from sprune_trainer.targets import find_target_layers  # noqa: E402
+from sprune_trainer.scoring.importance import score_neurons  # noqa: E402
+from sprune_trainer.scoring.selection import select_neurons  # noqa: E402
+from sprune_trainer.layers.targets import find_target_layers  # noqa: E402
 from transformers import DataCollatorForSeq2Seq  # noqa: E402
 
 CRITERIA = ("random", "l2", "taylor", "hessian", "zeroth_order")

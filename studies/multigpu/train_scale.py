@@ -57,8 +57,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, Trainer
 
 from sprune_trainer import (SliceAdamW, SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter,  # noqa: E402
                             merge_sparse)
-from sprune_trainer.checkpoint import read_sparse_adapter  # noqa: E402
-from sprune_trainer.inject import sliced_modules  # noqa: E402
+from sprune_trainer.io.adapter import read_sparse_adapter  # noqa: E402
+from sprune_trainer.layers.surgery import sliced_modules  # noqa: E402
 
 SHAPES = {  # ~1.1B parameters (Llama-3.2-1B / TinyLlama-like widths); tiny: a CPU smoke test
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

@@ -4,7 +4,7 @@
 Rebuilds the recipe's training data and the Trainer's own (seeded) batch order, then runs forward + backward
 of the frozen pretrained model on every batch (or --steps), in --dtype, with the attention implementation /
 SDPA backend of each --variant; for each non-finite batch it names the first module whose output (forward)
-or output gradient (backward) holds NaN/inf (sprune_trainer.nonfinite_trace).
+or output gradient (backward) holds NaN/inf (sprune_trainer.training.nonfinite_trace).
 
   python studies/nonfinite/scan_batches.py --model_name_or_path <folder> --data_dir ../shared/data/commonsense \
       --max_train_samples 6000 --batch_size 16 --dtype bfloat16 --variants sdpa,eager --out scan.json
@@ -24,7 +24,7 @@ sys.path[:0] = [os.path.join(ROOT, "recipes"), ROOT]
 
 import torch  # noqa: E402
 
-from sprune_trainer.nonfinite_trace import trace_nonfinite  # noqa: E402
+from sprune_trainer.training.nonfinite_trace import trace_nonfinite  # noqa: E402
 
 SDPA_BACKENDS = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
                  "cudnn": "CUDNN_ATTENTION"}

@@ -16,8 +16,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout
 
 from sprune_trainer import SparseNeuronConfig  # noqa: E402
-from sprune_trainer.inject import quantize_with_sparse_correction  # noqa: E402
-from sprune_trainer.quantization import dequantize_weight, quantize_4bit  # noqa: E402
+from sprune_trainer.layers.surgery import quantize_with_sparse_correction  # noqa: E402
+from sprune_trainer.layers.quantization import dequantize_weight, quantize_4bit  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # (hidden, intermediate, attention heads, key/value heads) of real Llama-architecture checkpoints

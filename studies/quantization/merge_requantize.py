@@ -36,8 +36,8 @@ from torch import nn
 from matrices import (PROJECTIONS, add_matrix_args, device_of, environment, lora_rank, load_gguf_model,
                       matrices_from_args, sparse_corrected, write_json)
 from sprune_trainer import SparseNeuronConfig, merge_sparse
-from sprune_trainer.inject import quantize_with_sparse_correction, sliced_modules
-from sprune_trainer.quantization import bnb_kind, dequantize_weight, quantize_4bit
+from sprune_trainer.layers.surgery import quantize_with_sparse_correction, sliced_modules
+from sprune_trainer.layers.quantization import bnb_kind, dequantize_weight, quantize_4bit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

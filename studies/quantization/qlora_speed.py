@@ -23,7 +23,7 @@ from benchmarks.measure import StepSettings, bench_config, release_memory  # noq
 from benchmarks.methods import MethodSpec, target_layers  # noqa: E402
 from benchmarks.report import environment, write_json  # noqa: E402
 from benchmarks.shapes import build_model, random_batch  # noqa: E402
-from sprune_trainer.quantization import quantize_4bit  # noqa: E402
+from sprune_trainer.layers.quantization import quantize_4bit  # noqa: E402
 
 
 def quantize_targets(model) -> int:

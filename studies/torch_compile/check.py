@@ -58,7 +58,7 @@ def worker(name: str, layers: int, steps: int, tiny: bool) -> dict:
     from safetensors.torch import save_file
 
     from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer
-    from sprune_trainer import sliced_matmul
+    from sprune_trainer.layers import sliced_matmul
 
     axis, recompute, compiled, opts = VARIANTS[name]
     if opts.get("inplace"):

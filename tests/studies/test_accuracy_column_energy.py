@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from studies.accuracy import column_energy  # noqa: E402
-from sprune_trainer.targets import find_target_layers  # noqa: E402
+from sprune_trainer.layers.targets import find_target_layers  # noqa: E402
 from test_accuracy_sweep import tiny  # noqa: E402,F401  (the tiny model + LLM-Adapters folder fixture)
 
 

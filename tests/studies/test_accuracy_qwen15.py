@@ -42,7 +42,7 @@ def test_budgets_match_what_peft_and_the_slices_train_on_the_real_qwen2_shapes()
     import torch
     from commonsense.modeling import apply_peft, count_parameters
     from sprune_trainer import SparseNeuronConfig
-    from sprune_trainer.inject import inject_slices
+    from sprune_trainer.layers.surgery import inject_slices
 
     cfg, _ = _meta_qwen2(28)
     shape = grid.LlamaShape.from_config(cfg.to_dict())

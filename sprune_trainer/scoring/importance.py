@@ -42,8 +42,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import micro_batches, split_rows
-from .config import SparseNeuronConfig
-from .quantization import dequantize_weight
+from ..config import SparseNeuronConfig
+from ..layers.quantization import dequantize_weight
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 

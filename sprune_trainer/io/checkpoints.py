@@ -14,7 +14,8 @@ import re
 
 from transformers.utils import logging
 
-from .checkpoint import fsync_directory, read_sparse_adapter, replace_atomically
+from .._hf_internals import after_trainer_state_saved
+from .adapter import fsync_directory, read_sparse_adapter, replace_atomically
 
 logger = logging.get_logger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -41,21 +42,16 @@ def mark_complete(folder: str) -> None:
 def marked_complete_after_trainer_state(state, folder: str, enabled: bool = True):
     """While the Trainer saves a checkpoint into `folder`: mark it complete as soon as it has written the folder's
     trainer_state.json (its last file), before it rotates older checkpoints out, so no crash leaves only unmarked
-    ones. The Trainer has no hook there in 4.57 or 5.x, so `state.save_to_json` is wrapped for the save's duration."""
+    ones."""
     if not enabled:
         yield
         return
-    save_to_json = state.save_to_json
 
-    def save_and_mark(json_path: str) -> None:
-        save_to_json(json_path)
+    def mark_if_this_folder(json_path: str) -> None:
         if os.path.abspath(os.path.dirname(json_path)) == os.path.abspath(folder):
             mark_complete(folder)
-    state.save_to_json = save_and_mark
-    try:
+    with after_trainer_state_saved(state, mark_if_this_folder):
         yield
-    finally:
-        del state.save_to_json  # the class's method again
 
 
 def checkpoint_problem(path: str) -> str | None:

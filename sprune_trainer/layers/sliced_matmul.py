@@ -11,7 +11,7 @@ the input grad is accumulated into the base's grad in place (`addmm_` / `index_a
 Under torch.compile the same sums are written out of place (the compiler fuses them anyway): with an in-place
 update of the returned tensor, Dynamo's tracing of an autograd.Function on torch 2.11 routes the output's gradient to
 a stale alias of it, so the slices get none and train nothing while the loss looks normal (a PyTorch bug, fixed in
-2.12; docs/torch_compile.md); every torch version takes the out-of-place form while compiling.
+2.12); every torch version takes the out-of-place form while compiling.
 
 Both run in the compute dtype the caller picks (the autocast dtype under autocast); the frozen weight is saved
 as is (it is a parameter: no memory) and cast again in backward, never kept as a cast copy."""

@@ -21,12 +21,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import SLICE_DTYPES, SparseNeuronConfig, dtype_name
-from .full_modules import check_full_fits, check_full_tensors, copy_full_into, full_metadata, full_state
-from .inject import CONFIG_ATTR, inject_slices, layers_to_quantize, sliced_modules
-from .nonfinite import require_finite
-from .sliced_linear import SlicedLinear, slice_dtype_for
-from .zero3 import gathered
+from ..config import SLICE_DTYPES, SparseNeuronConfig, dtype_name
+from ..layers.full_modules import check_full_fits, check_full_tensors, copy_full_into, full_metadata, full_state
+from ..layers.surgery import CONFIG_ATTR, inject_slices, layers_to_quantize, sliced_modules
+from ..training.nonfinite import require_finite
+from ..layers.sliced_linear import SlicedLinear, slice_dtype_for
+from ..integrations.zero3 import gathered
 
 WEIGHTS_NAME = "sparse_adapter.safetensors"
 META_NAME = "sparse_adapter.json"

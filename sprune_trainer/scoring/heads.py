@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import SparseNeuronConfig
+from ..config import SparseNeuronConfig
 
 # projection name -> config attribute with its number of heads, per axis
 HEAD_ATTRIBUTES = {

@@ -22,10 +22,13 @@ import torch
 import torch.distributed as dist
 from transformers.utils import logging
 
+from .._hf_internals import replace_step
+
 logger = logging.get_logger(__name__)
 
 ADVICE = ("Try float32 weights (--dtype float32 --bf16 false), a lower learning rate, or max_grad_norm > 0; "
-          "benchmarks/nonfinite/scan_batches.py names the batch and the operation that goes non-finite.")
+          "sprune_trainer.training.nonfinite_trace.trace_nonfinite(model, batch) names the module that goes "
+          "non-finite.")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -145,7 +148,7 @@ class NonFiniteGuard:
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, describe=None) -> torch.optim.Optimizer:
         """Route `optimizer.step` through the decision (idempotent), and a step taken through `self.untrained`'s
         check when set. `describe(params)` names what was bad.
-        Done by a subclass of the optimizer's own class (same name), so nothing lands in its __dict__."""
+        Done by a subclass of the optimizer's own class (same name, `_hf_internals.replace_step`)."""
         guard = self
 
         def step(opt, *args, **kwargs):
@@ -159,12 +162,12 @@ class NonFiniteGuard:
                 guard.untrained.after_step(pending)
             return out
 
-        guarded = self._subclass(optimizer, step)
+        guarded = replace_step(optimizer, step, owner=self)
         return optimizer
 
     def attach_scheduler(self, scheduler):
-        """A skipped optimizer step leaves the learning-rate schedule where it was (idempotent). A subclass
-        again: LRScheduler.state_dict() saves the instance __dict__, which must stay picklable."""
+        """A skipped optimizer step leaves the learning-rate schedule where it was (idempotent; a subclass again,
+        as for the optimizer)."""
         if scheduler is None:
             return scheduler
         guard = self
@@ -174,18 +177,8 @@ class NonFiniteGuard:
                 return None
             return super(guarded, sched).step(*args, **kwargs)
 
-        guarded = self._subclass(scheduler, step)
+        guarded = replace_step(scheduler, step, owner=self)
         return scheduler
-
-    def _subclass(self, obj, step):
-        cls = type(obj)
-        if getattr(cls, "_nonfinite_guard", None) is self:
-            return cls
-        base = cls.__bases__[0] if hasattr(cls, "_nonfinite_guard") else cls  # re-guarded by a new trainer
-        guarded = type(base.__name__, (base,), {"step": step, "_nonfinite_guard": self,
-                                                "__module__": base.__module__, "__qualname__": base.__qualname__})
-        obj.__class__ = guarded
-        return guarded
 
 
 def describe_nonfinite_grads(named_params: dict[int, str], params: list[torch.Tensor], limit: int = 4) -> str:
@@ -201,10 +194,9 @@ def describe_nonfinite_grads(named_params: dict[int, str], params: list[torch.Te
 def without_cudnn_attention(device: torch.device):
     """Training runs with PyTorch's cuDNN attention kernel off (flash, memory-efficient and math stay on).
 
-    Why (benchmarks/results/bf16_nonfinite_h200): on an H200 (torch 2.11, CUDA 13, bf16) `scaled_dot_product_attention`
-    picks cuDNN for a padded batch, and its backward returned NaN query gradients (layer 15 of Qwen2.5-Coder-1.5B,
-    a 16 x 192 right-padded batch) where the memory-efficient, math and eager kernels give finite ones; the forward
-    and the loss were finite. A no-op off CUDA."""
+    Why: in bf16, `scaled_dot_product_attention` may pick cuDNN for a right-padded batch, and cuDNN's backward has
+    returned NaN query gradients where the memory-efficient, math and eager kernels give finite ones, with a finite
+    forward and loss. A no-op off CUDA."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

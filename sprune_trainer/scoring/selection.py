@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import SparseNeuronConfig
+from ..config import SparseNeuronConfig
 
 
 def layer_budget(n_units: int, config: SparseNeuronConfig, name: str = "layer") -> int:

@@ -16,9 +16,8 @@ import dataclasses
 
 from trl import DPOTrainer, SFTTrainer
 
-from .trainer import SparseNeuronMixin
-
-_TRL_BOOKKEEPING = ("_metrics", "_total_train_tokens")  # what TRL's compute_loss appends to / adds up
+from .._hf_internals import TRL_BOOKKEEPING
+from ..training.trainer import SparseNeuronMixin
 
 
 class SparseNeuronTRLMixin(SparseNeuronMixin):
@@ -32,7 +31,7 @@ class SparseNeuronTRLMixin(SparseNeuronMixin):
         super().__init__(*args, **kwargs)
 
     def _select_neurons(self):
-        saved = {k: copy.deepcopy(getattr(self, k)) for k in _TRL_BOOKKEEPING if hasattr(self, k)}
+        saved = {k: copy.deepcopy(getattr(self, k)) for k in TRL_BOOKKEEPING if hasattr(self, k)}
         try:
             return super()._select_neurons()
         finally:

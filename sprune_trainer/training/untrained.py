@@ -20,8 +20,8 @@ import torch.distributed as dist
 from .nonfinite import flag_device
 
 LIKELY_CAUSES = (
-    "Likely causes: a compiled or wrapped model whose graph loses the slices' gradient (torch.compile: see "
-    "docs/torch_compile.md); forward hooks or a wrapper that replace or detach the sliced layers' outputs; the sliced "
+    "Likely causes: a compiled or wrapped model whose graph loses the slices' gradient (e.g. torch.compile on "
+    "torch 2.11); forward hooks or a wrapper that replace or detach the sliced layers' outputs; the sliced "
     "layers off the loss's path (run under torch.no_grad, or their output unused); a learning rate of zero; bfloat16 "
     "slices whose updates round away (slice_dtype='float32'). Try the same run without torch_compile or the "
     "wrapper, check that loss.backward() reaches a layer's `delta`, or set SparseNeuronConfig(untrained_guard=False) "

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .config import dtype_name
+from ..config import dtype_name
 from .targets import _matching
-from .zero3 import gathered
+from ..integrations.zero3 import gathered
 
 logger = logging.get_logger(__name__)
 PREFIX = "modules_to_save."

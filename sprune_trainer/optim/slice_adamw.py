@@ -28,8 +28,8 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 
 from .blockwise import BLOCK, dequantize_blockwise, quantize_blockwise  # noqa: F401 (re-exported)
-from .config import OPTIMIZER_STATES as STATE_DTYPES
-from .optim_flat import FlatChunk, chunk_params
+from ..config import OPTIMIZER_STATES as STATE_DTYPES
+from .flat_state import FlatChunk, chunk_params
 
 _HPARAMS = ("lr", "betas", "eps", "weight_decay", "state_dtype")  # per param group
 

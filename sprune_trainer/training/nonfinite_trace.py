@@ -1,6 +1,6 @@
 """Where a forward/backward pass first goes non-finite: one pass with a hook on every module.
 
-Used to explain a skipped step (see `nonfinite.py`) and by `benchmarks/nonfinite/scan_batches.py`. Forward
+A tool for explaining a skipped step (see `nonfinite.py`): run it on the batch of that step. Forward
 hooks see module outputs in execution order; backward hooks see each leaf module's output gradient in
 reverse order, so the first non-finite gradient names the op nearest the loss that produced it."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Module surgery: put `SlicedLinear` wrappers in place of the chosen linears (quantizing their bases on request),
-and take them out again (merge, optionally re-quantizing)."""
+"""Module surgery: put `SlicedLinear` wrappers in place of the chosen linears (quantizing their bases on request).
+Taking them out again is merge.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import DATA_IMPORTANCE_NAMES, SparseNeuronConfig
+from .._hf_internals import refuse_save_pretrained
+from ..config import DATA_IMPORTANCE_NAMES, SparseNeuronConfig
 from .full_modules import check_not_sliced, modules_to_save, train_in_full, warn_untrained_head
-from .quantization import (bnb_kind, dequantize_weight, dequantized_dtype, import_bitsandbytes, quantize_4bit,
-                           requantize_like)
+from .quantization import bnb_kind, dequantize_weight, import_bitsandbytes, quantize_4bit
 from .sliced_linear import SlicedLinear, checked_index, slice_dtype_for
 from .targets import find_target_layers
 
@@ -41,7 +41,7 @@ def config_for_model(model: nn.Module, requested: Optional[SparseNeuronConfig]) 
     return dataclasses.replace(requested, **{k: getattr(current, k) for k in SparseNeuronConfig.SELECTION_KEYS})
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
 
@@ -92,7 +92,7 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
     warn_untrained_head(model, config.modules_to_save, list(selection))
     wrapped = {}
     for name in sorted(set(selection) | set(to_quantize)):
-        parent, child = _parent(model, name)
+        parent, child = parent_of(model, name)
         base = original = getattr(parent, child)
         if name in to_quantize:
             base = quantize_4bit(original.weight, original.bias, quant_type=config.quantize_base,
@@ -109,8 +109,7 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
         base.train(original.training)  # a model in eval mode stays so: no slice dropout, bnb's inference kernels
         setattr(parent, child, base)
     setattr(model, CONFIG_ATTR, config)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained = _refuse_save_pretrained  # an instance attribute: merge_sparse takes it away
+    refuse_save_pretrained(model)  # merge_sparse takes it away
     return wrapped
 
 
@@ -132,13 +131,6 @@ def _checked_selection(model: nn.Module, selection: dict, axis: str) -> dict[str
     return checked
 
 
-def _refuse_save_pretrained(*args, **kwargs):
-    raise ValueError("this model holds unmerged sparse-neuron slices: save_pretrained would write base_layer / delta "
-                     "/ index keys that from_pretrained cannot read (it would re-initialise every sliced layer at "
-                     "random). Save the adapter with save_sparse_adapter(model, dir), or a plain dense model with "
-                     "merge_sparse(model).save_pretrained(dir).")
-
-
 def quantize_with_sparse_correction(model: nn.Module, config: SparseNeuronConfig,
                                     selection: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
     """Full-precision model -> 4-bit base + slices whose selected rows reproduce the original weights exactly.
@@ -148,9 +140,9 @@ def quantize_with_sparse_correction(model: nn.Module, config: SparseNeuronConfig
     result trains with SparseNeuronTrainer as it is. Works in place and returns `model`."""
     config = dataclasses.replace(config, quantize_base=config.quantize_base or "nf4", init_from_quantization_error=True)
     if selection is None:
-        from .heads import head_groups
-        from .importance import score_neurons
-        from .selection import select_neurons
+        from ..scoring.heads import head_groups
+        from ..scoring.importance import score_neurons
+        from ..scoring.selection import select_neurons
 
         if config.importance in DATA_IMPORTANCE_NAMES:
             raise ValueError(f"importance={config.importance!r} scores on data: pass `selection` (e.g. from "
@@ -160,70 +152,3 @@ def quantize_with_sparse_correction(model: nn.Module, config: SparseNeuronConfig
         selection = select_neurons(score_neurons(model, layers, config), config, head_groups(model, layers, config))
     inject_slices(model, selection, config)
     return model
-
-
-def trainable_slice_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-@torch.no_grad()
-def merge_sparse(model: nn.Module, requantize: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Fold every slice into its base weight (W[I] += delta) and take the wrappers out. Works in place, returns
-    `model`.
-
-    requantize=False: an ordinary full-precision model for `save_pretrained`. Full-precision bases are merged in
-      place; every bitsandbytes layer (sliced or not) is dequantized to a plain nn.Linear in `dtype` (default: the
-      dtype a 4-bit weight was quantized from, else the model's own float dtype, e.g. its embeddings') and the
-      model's HF quantization markers are removed.
-    requantize=True: each sliced 4/8-bit base is dequantized, merged in fp32 and quantized again with its own
-      settings; unsliced layers are left as they are. Rows the slices did not touch re-quantize to the same codes
-      (NF4/FP4 without double quantization, int8): the error this adds sits in the trained rows only
-      (benchmarks/quantization/merge_requantize.py measures it against a merged QLoRA adapter)."""
-    layers = sliced_modules(model)
-    if not layers:
-        raise ValueError("model has no sparse-neuron slices to merge")
-    quantized = {id(p) for m in model.modules() if bnb_kind(m) for p in m.parameters()}
-    model_dtype = next((p.dtype for p in model.parameters() if id(p) not in quantized and not p.requires_grad
-                        and p.dtype.is_floating_point), torch.float32)
-    for name, layer in layers.items():
-        base = layer.base_layer
-        if bnb_kind(base) is None:
-            if requantize:
-                raise ValueError(f"requantize=True but {name} has a full-precision base: nothing to re-quantize")
-            layer.merge()
-            merged = base
-        else:
-            weight, bias = layer.merged_weight(dequantize_weight(base)), layer.merged_bias()
-            merged = (requantize_like(base, weight, bias) if requantize
-                      else _dense_linear(weight, bias, dtype or dequantized_dtype(base, model_dtype)))
-        parent, child = _parent(model, name)
-        setattr(parent, child, merged)
-    if not requantize:
-        _dequantize_remaining(model, dtype, model_dtype)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
-    if model.__dict__.get("save_pretrained") is _refuse_save_pretrained:
-        del model.__dict__["save_pretrained"]  # the class's save_pretrained again
-    return model
-
-
-def _dense_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> nn.Linear:
-    d_out, d_in = weight.shape
-    layer = nn.Linear(d_in, d_out, bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-    return layer
-
-
-def _dequantize_remaining(model: nn.Module, dtype: Optional[torch.dtype], model_dtype: torch.dtype) -> None:
-    """Plain nn.Linear in place of every bitsandbytes layer left; drop HF's quantization markers (a model that
-    still says it is quantized would be saved and reloaded as one)."""
-    for name, module in list(model.named_modules()):
-        if bnb_kind(module):
-            parent, child = _parent(model, name)
-            dense_dtype = dtype or dequantized_dtype(module, model_dtype)
-            setattr(parent, child, _dense_linear(dequantize_weight(module), module.bias, dense_dtype))
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)

@@ -9,9 +9,9 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .config import DATA_IMPORTANCE_NAMES
-from .inject import sliced_modules
-from .optim import adam_state_bytes_per_param
+from ..config import DATA_IMPORTANCE_NAMES
+from ..layers.surgery import sliced_modules
+from ..optim.slice_adamw import adam_state_bytes_per_param
 
 logger = logging.get_logger(__name__)
 
