@@ -23,7 +23,7 @@ def test_slices_without_gradient_stop_training(tmp_path):
     trainer.prepare_sparse_model()
     _detach_slice_paths(trainer.model)
     with pytest.raises(SlicesNotTrainingError, match="optimizer step 1: none of the 14 trainable slice tensors "
-                                                      "received a non-zero finite gradient.*torch.compile"):
+                                                      "received a non-zero gradient"):
         trainer.train()
     assert trainer.state.global_step == 0  # stopped at the first step, not after the whole run
 

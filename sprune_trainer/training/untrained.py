@@ -4,8 +4,8 @@ A wrapper or compiler that drops the slices' gradient, a hook that detaches the 
 learning rate of zero all give a run whose loss looks ordinary while every slice stays where it started; the
 Trainer then saves an adapter of zeros. The guard looks at optimizer steps that were actually taken (not skipped
 as non-finite): the first ones until one with a positive learning rate has been verified, then every logging step.
-On such a step it checks that some slice holds a non-zero finite gradient before the update and that some slice
-changed in it; the two flags are all-reduced (MAX) so every rank decides alike, and either failing raises
+On such a step it checks that some slice holds a non-zero gradient before the update (non-finite steps never get
+here while the non-finite guard is on) and that some slice changed in it; the two flags are all-reduced (MAX) so every rank decides alike, and either failing raises
 `SlicesNotTrainingError` out of `train()`.
 
 Cost, on checked steps only: three multi-tensor norms over the slices (before the update: gradients and values;
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from .nonfinite import flag_device
 
 LIKELY_CAUSES = (
-    "Likely causes: a compiled or wrapped model whose graph loses the slices' gradient (e.g. torch.compile on "
-    "torch 2.11); forward hooks or a wrapper that replace or detach the sliced layers' outputs; the sliced "
+    "Likely causes: a compiled or wrapped model whose graph loses the slices' gradient (a compiler "
+    "or wrapper bug); forward hooks or a wrapper that replace or detach the sliced layers' outputs; the sliced "
     "layers off the loss's path (run under torch.no_grad, or their output unused); a learning rate of zero; bfloat16 "
     "slices whose updates round away (slice_dtype='float32'). Try the same run without torch_compile or the "
     "wrapper, check that loss.backward() reaches a layer's `delta`, or set SparseNeuronConfig(untrained_guard=False) "
@@ -61,7 +61,9 @@ class UntrainedGuard:
         device = params[0].device if params else torch.device("cpu")
         if grads:
             norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-            has_grad = ((norms > 0) & torch.isfinite(norms)).any().to(device)
+            # NaN counts as a gradient: a step that reaches here with one was let through on purpose
+            # (nonfinite_guard=False); the non-finite guard skips such steps before this check otherwise
+            has_grad = (norms != 0).any().to(device)
         else:
             has_grad = torch.zeros((), dtype=torch.bool, device=device)
         values = _norms(params)
@@ -82,7 +84,7 @@ class UntrainedGuard:
         n = len(params)
         if not has_grad:
             raise SlicesNotTrainingError(
-                f"optimizer step {step}: none of the {n} trainable slice tensors received a non-zero finite "
+                f"optimizer step {step}: none of the {n} trainable slice tensors received a non-zero "
                 f"gradient, so this run would train nothing. {LIKELY_CAUSES}")
         if not changed:
             raise SlicesNotTrainingError(
