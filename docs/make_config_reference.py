@@ -21,7 +21,7 @@ START, END = "<!-- config-fields -->\n", "<!-- /config-fields -->\n"
 
 def _default(f: dataclasses.Field) -> str:
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return "—" if value is None else f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
+    return "—" if value is None else f"`{value}`"
 
 
 def table() -> str:

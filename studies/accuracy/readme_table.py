@@ -1,10 +1,10 @@
-"""The README's table of a study's test results, generated from its committed accuracy.json so that the README
+"""The accuracy doc's table of a study's test results, generated from its committed accuracy.json so that the doc
 cannot drift from the results (tests/studies/test_accuracy_readme_table.py compares them).
 
     python studies/accuracy/readme_table.py studies/accuracy/results/qwen15              # print the block
-    python studies/accuracy/readme_table.py studies/accuracy/results/qwen15 --write README.md
+    python studies/accuracy/readme_table.py studies/accuracy/results/qwen15 --write docs/accuracy.md
 
---write replaces the lines between README's `<!-- readme_table: <folder> -->` and `<!-- /readme_table -->`.
+--write replaces the lines between the doc's `<!-- readme_table: <folder> -->` and `<!-- /readme_table -->`.
 Per config: generation and ranked test averages (mean ± std over seeds), the further evaluation (ranked),
 trainable params, and peak memory / tokens/s / setup s from the solo phase († where only the accuracy runs, which
 shared the GPU, measured them); then the targets, as aggregate.py's accuracy.md has them. Test runs at an earlier
@@ -72,7 +72,7 @@ def write(readme: str | Path, out: str | Path) -> bool:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="a study's results folder (accuracy.json)")
-    ap.add_argument("--write", metavar="README", help="replace the folder's block in this file")
+    ap.add_argument("--write", metavar="DOC", help="replace the folder's block in this file")
     args = ap.parse_args(argv)
     if args.write:
         print(f"{args.write}: {'updated' if write(args.write, args.out) else 'unchanged'}")

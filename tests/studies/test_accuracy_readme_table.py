@@ -1,4 +1,4 @@
-"""README's accuracy table is the one readme_table.py generates from the committed accuracy.json (the docs cannot
+"""docs/accuracy.md's table is the one readme_table.py generates from the committed accuracy.json (the docs cannot
 drift from the results), and --write replaces only its block."""
 from pathlib import Path
 
@@ -15,13 +15,13 @@ pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 def test_readme_block_matches_the_committed_results(monkeypatch):
     monkeypatch.chdir(REPO)
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "accuracy.md").read_text()
     start = f"<!-- readme_table: {FOLDER} -->\n"
-    assert start in text, "README lost its accuracy table block"
+    assert start in text, "docs/accuracy.md lost its accuracy table block"
     inside = text.split(start, 1)[1].split(readme_table.END, 1)[0]
     assert inside == readme_table.block(FOLDER), (
-        f"README's table differs from {FOLDER}/accuracy.json: run "
-        f"python studies/accuracy/readme_table.py {FOLDER} --write README.md")
+        f"docs/accuracy.md's table differs from {FOLDER}/accuracy.json: run "
+        f"python studies/accuracy/readme_table.py {FOLDER} --write docs/accuracy.md")
     # what the table is made of: every test config of the results, and the targets
     assert inside.count("\n| ") >= 9 and "Targets of issue 17" in inside
 
