@@ -95,8 +95,9 @@ class SparseNeuronMixin(SlicePreparationMixin, AdapterSavingMixin, NonFiniteGuar
         return slices if slices else params
 
     def create_optimizer(self, model=None):
-        """SliceAdamW over the slices only (also what DeepSpeed wraps: ship configs without an optimizer block).
-        `optimizer_cls_and_kwargs=` builds another optimizer over the slices; one passed as `optimizers=` is used
+        """SliceAdamW over the slices only (also what DeepSpeed wraps: ship configs without an optimizer block),
+        unless `TrainingArguments.optim` names another optimizer than its default, or `optimizer_cls_and_kwargs=` is
+        given: the Trainer then builds that one, over the slices; one passed as `optimizers=` is used
         if it holds every slice (one built before train() holds none: refused, it would train nothing). An
         optimizer this trainer built is built again when the slices changed (train(), merge_sparse(), train())."""
         opt_model = model if model is not None else self.model
@@ -108,15 +109,17 @@ class SparseNeuronMixin(SlicePreparationMixin, AdapterSavingMixin, NonFiniteGuar
             self.optimizer = None
         if self.optimizer is not None:
             return self._guard_optimizer(self.optimizer)
-        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None or optim_chosen(self.args):
+            # the Trainer's own optimizer (fused AdamW, bitsandbytes 8-bit / paged, ...) over the trainable
+            # parameters, which are the slices (and modules_to_save) only
+            if self.sparse_config.optimizer_state != "float32":
+                logger.warning(f"optimizer_state={self.sparse_config.optimizer_state!r} applies to SliceAdamW only; "
+                               f"optim={optim_name(self.args)} keeps its own state")
             self._sparse_optimizer = super().create_optimizer()
             return self._sparse_optimizer
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("no trainable slices: call train() (or prepare_sparse_model()) before create_optimizer")
-        if "adamw" not in str(self.args.optim).lower():
-            logger.warning(f"optim={self.args.optim} is ignored: {type(self).__name__} uses SliceAdamW "
-                           "(set SparseNeuronConfig.optimizer_state for compressed moments)")
         groups = [{"params": [p for n, p in named if not n.endswith("bias_delta")], "weight_decay": self.args.weight_decay},
                   {"params": [p for n, p in named if n.endswith("bias_delta")], "weight_decay": 0.0}]
         self.optimizer = SliceAdamW([g for g in groups if g["params"]], lr=self.args.learning_rate,
@@ -124,6 +127,16 @@ class SparseNeuronMixin(SlicePreparationMixin, AdapterSavingMixin, NonFiniteGuar
                                     state_dtype=self.sparse_config.optimizer_state)
         self._sparse_optimizer = self.optimizer
         return self._guard_optimizer(self.optimizer)
+
+
+def optim_name(args) -> str:
+    return str(getattr(args.optim, "value", args.optim))
+
+
+def optim_chosen(args) -> bool:
+    """Whether `args.optim` is another optimizer than its arguments class's default (the user picked one)."""
+    field = type(args).__dataclass_fields__.get("optim")
+    return field is not None and optim_name(args) != str(getattr(field.default, "value", field.default))
 
 
 class SparseNeuronTrainer(SparseNeuronMixin, Trainer):
