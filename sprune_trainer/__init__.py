@@ -10,6 +10,8 @@ The public API is what this module exports. Inside, one subpackage per concept:
 and `_hf_internals.py`, every private transformers member the package relies on."""
 import importlib.util
 
+__version__ = "0.1.0"  # before the imports: io/adapter.py records it in every adapter
+
 from .config import SparseNeuronConfig
 from .io.adapter import load_sparse_adapter, save_sparse_adapter
 from .layers.merge import merge_sparse
@@ -23,7 +25,6 @@ from .training.untrained import SlicesNotTrainingError
 __all__ = ["SparseNeuronConfig", "SparseNeuronMixin", "SparseNeuronTrainer", "SlicedLinear", "SliceAdamW",
            "save_sparse_adapter", "load_sparse_adapter", "merge_sparse", "quantize_with_sparse_correction",
            "SlicesNotTrainingError", "NonFiniteTrainingError", "NonFiniteGuardMixin"]
-__version__ = "0.1.0"
 
 # TRL's trainers (integrations/trl.py) only when trl is installed, imported on first use: trl is an optional extra
 _TRL_EXPORTS = ("SparseNeuronSFTTrainer", "SparseNeuronDPOTrainer", "SparseNeuronTRLMixin")

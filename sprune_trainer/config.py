@@ -252,16 +252,44 @@ class SparseNeuronConfig:
     # what a model's slices are, once they exist: a trainer given a sliced model refuses a config that differs here
     SLICE_KEYS = ("neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias", "modules_to_save")
 
+    # what an adapter is, and so what its json records (every other field is how a run goes, set anew by each run
+    # and never saved, so renaming one cannot make a saved adapter unloadable):
+    ADAPTER_KEYS = SELECTION_KEYS + (
+        "slice_dtype",  # the saved deltas' dtype; loading checks them against it
+        "seed",         # with importance='random' it alone picks the neurons
+    )
+    # Run-time, not saved; the borderline ones:
+    #   calibration_batches, calibration_micro_batch_size, zo_eps: how the scores were estimated; the indices are saved
+    #   slice_dropout: a training regularizer; the adapter's forward never drops
+    #   recompute_slice_inputs: memory against speed, the same gradients
+    #   optimizer_state: how the Adam moments are stored; a checkpoint keeps the moments themselves
+    # and the run's guards and kernels: nonfinite_guard, max_nonfinite_steps, untrained_guard, cudnn_attention.
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def adapter_dict(self) -> dict[str, Any]:
+        """The fields an adapter's json records (`ADAPTER_KEYS`)."""
+        return {k: v for k, v in self.to_dict().items() if k in self.ADAPTER_KEYS}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SparseNeuronConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        """A config from a dict the user wrote: an unknown key is a typo, refused."""
+        unknown = set(d) - cls.field_names()
         if unknown:
             raise ValueError(f"Unknown SparseNeuronConfig fields {sorted(unknown)}.")
         return cls(**d)
+
+    @classmethod
+    def from_adapter_dict(cls, d: dict[str, Any]) -> tuple["SparseNeuronConfig", list[str]]:
+        """(config, unknown keys) from an adapter's json: its `ADAPTER_KEYS`, the run-time fields at their
+        defaults. Run-time fields that older adapters recorded are dropped; keys this version does not know (a newer
+        version wrote them) are returned for the caller to warn about, as PEFT does, rather than refused."""
+        return cls(**{k: v for k, v in d.items() if k in cls.ADAPTER_KEYS}), sorted(set(d) - cls.field_names())
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
 
     @property
     def recomputes_slice_inputs(self) -> bool:

@@ -1,6 +1,11 @@
 """Sparse adapters on disk: slices + indices, and the full tensors of `modules_to_save` (safetensors), and
 config + layer shapes + those tensors' shapes and dtypes + checksums (json).
 
+The json's config holds only what defines the adapter (`SparseNeuronConfig.ADAPTER_KEYS`); run-time fields load
+at their defaults (older adapters, which recorded every field, load the same). Next to it: the sprune_trainer
+version that wrote it and the base model's name or path (as PEFT's `base_model_name_or_path`). A key this version
+does not know, written by a newer one, is warned about and ignored, as PEFT does.
+
 Writes are atomic (temp file + fsync + os.replace + fsync of the directory; the json, written last, names the
 weights' sha256 and its own), so a crash mid-save never leaves a half-written adapter that loads. An adapter loads
 only when it is exactly what was saved and fits the model: both checksums, the json and the tensors agree (every
@@ -13,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import __version__
 from ..config import SLICE_DTYPES, SparseNeuronConfig, dtype_name
 from ..layers.full_modules import check_full_fits, check_full_tensors, copy_full_into, full_metadata, full_state
 from ..layers.surgery import CONFIG_ATTR, inject_slices, layers_to_quantize, sliced_modules
@@ -34,6 +41,8 @@ FORMAT = "sprune_trainer.sparse_adapter"
 VERSION = 2  # 2: the json records its own sha256 ("metadata_sha256"); version 1 files (without it) still load
 REQUIRED_KEYS = ("config", "layers", "weights_sha256")
 LAYER_KEYS = ("shape", "axis", "k", "dtype")
+KNOWN_KEYS = REQUIRED_KEYS + ("format", "version", "model_class", "model_type", "modules_to_save", "metadata_sha256",
+                              "sprune_trainer_version", "base_model_name_or_path")
 _EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 
 
@@ -79,10 +88,17 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def _new_file_mode() -> int:
+    mask = os.umask(0)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def replace_atomically(write, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode())  # as any new file, whatever `write` made (safetensors writes 0o600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -94,6 +110,12 @@ def replace_atomically(write, path: str) -> None:
 
 def model_type_of(model: nn.Module) -> Optional[str]:
     return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def base_model_name_or_path(model: nn.Module) -> Optional[str]:
+    """The hub id or path the model was loaded from (None for one built from a config)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return str(name) if name else None
 
 
 def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
@@ -132,8 +154,9 @@ def save_sparse_adapter(model: nn.Module, save_directory: str, tensors: dict | N
     os.makedirs(save_directory, exist_ok=True)
     weights_path = os.path.join(save_directory, WEIGHTS_NAME)
     replace_atomically(lambda p: save_file(tensors, p, metadata={"format": "pt"}), weights_path)
-    meta = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "layers": layer_meta,
+    meta = {"format": FORMAT, "version": VERSION, "config": config.adapter_dict(), "layers": layer_meta,
             "model_class": type(model).__name__, "model_type": model_type_of(model),
+            "base_model_name_or_path": base_model_name_or_path(model), "sprune_trainer_version": __version__,
             "weights_sha256": _sha256(weights_path)}
     if full_meta is not None:
         meta["modules_to_save"] = full_meta
@@ -191,14 +214,26 @@ def read_sparse_adapter(path: str) -> SparseAdapter:
         raise ValueError(f"{weights_path} is corrupt: {e}") from None
     require_finite(tensors, f"to load the sparse adapter {path}")
     try:
-        config = SparseNeuronConfig.from_dict(meta["config"])
+        config, unknown = SparseNeuronConfig.from_adapter_dict(meta["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{meta_path} holds an invalid config: {e}") from None
+    _warn_unknown_keys(meta_path, meta, [f"config.{k}" for k in unknown])
     layers = meta["layers"]
     check_adapter_consistent(config, layers, tensors, path, meta.get("modules_to_save"))
     selection = {n: tensors.pop(f"{n}.index") for n in layers}
     return SparseAdapter(config, selection, tensors, {n: tuple(m["shape"]) for n, m in layers.items()},
                          meta.get("model_class"), meta.get("model_type"))
+
+
+def _warn_unknown_keys(meta_path: str, meta: dict, unknown_config: list[str]) -> None:
+    """One warning for the keys a newer sprune_trainer wrote, which this one ignores. warnings.warn, not the log:
+    resuming reads a checkpoint's adapter several times, and the same warning is shown once."""
+    unknown = sorted(set(meta) - set(KNOWN_KEYS)) + unknown_config
+    if unknown:
+        warnings.warn(f"{meta_path} has keys {unknown} that this sprune_trainer ({__version__}) does not know; it was "
+                      f"written by sprune_trainer {meta.get('sprune_trainer_version', 'of an unknown version')}. "
+                      "They are ignored (the adapter loads without them); upgrade sprune_trainer to use them.",
+                      stacklevel=2)
 
 
 def check_adapter_consistent(config: SparseNeuronConfig, layers: dict, tensors: dict[str, torch.Tensor],

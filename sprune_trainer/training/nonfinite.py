@@ -9,7 +9,8 @@ optimizer step, after the gradients of all micro-batches are in:
     counts it in `global_step`;
   * the decision is all-reduced, so every DDP / DeepSpeed rank skips together (under ZeRO the optimizer
     sees only its rank's partition of the gradients);
-  * after `max_consecutive` skips in a row training stops with `NonFiniteTrainingError`.
+  * after `max_consecutive` skips in a row training stops with `NonFiniteTrainingError`, and so does a `train()`
+    that ends having skipped every step it took (too few for the limit): its adapter never trained.
 Cost: one multi-tensor norm over the trainable gradients (small: slices) and one host sync per step; the
 Trainer's own clipping norm is reused when it computed one (`clip_grad_norm_` of accelerate)."""
 from __future__ import annotations
@@ -65,7 +66,8 @@ class NonFiniteGuard:
         self.consecutive = 0
         self.skipped_steps: list[int] = []   # 1-based optimizer steps that were skipped
         self.last_step_skipped = False
-        self.step_number = 0                 # optimizer steps decided so far (skipped or taken)
+        self.step_number = 0                 # optimizer step of the latest decision (1-based, survives a resume)
+        self.decided_total = 0               # optimizer steps decided so far (skipped or taken)
         self._loss_bad: Optional[torch.Tensor] = None
         self._grad_norm: Optional[torch.Tensor] = None
         self._decided = False                # decide() ran for the step in progress
@@ -127,6 +129,7 @@ class NonFiniteGuard:
     def _record(self, skip: bool) -> None:
         self.reset_pending()  # the next step starts with clean flags, whoever decided this one
         self.step_number = self.step_source() + 1 if self.step_source is not None else self.step_number + 1
+        self.decided_total += 1
         self.last_step_skipped = skip
         if not skip:
             self.consecutive = 0
@@ -269,13 +272,23 @@ class NonFiniteGuardMixin:
 
     def train(self, *args, **kwargs):
         self.nonfinite.reset_pending()  # calibration or an earlier run left no pending loss flag
-        before = self.nonfinite.skipped_total
+        before, decided_before = self.nonfinite.skipped_total, self.nonfinite.decided_total
         kernels = contextlib.nullcontext() if self.cudnn_attention else without_cudnn_attention(self.args.device)
         with kernels:
             out = super().train(*args, **kwargs)
         skipped = self.nonfinite.skipped_total - before
+        steps = self.nonfinite.skipped_steps[-skipped:] if skipped else []
+        if skipped and skipped == self.nonfinite.decided_total - decided_before:
+            raise NonFiniteTrainingError(
+                f"every optimizer step of this run ({skipped}: steps {_shortened(steps)}) had a non-finite loss or "
+                f"gradient and was skipped, so nothing was trained (fewer steps than max_nonfinite_steps="
+                f"{self.nonfinite.max_consecutive}, which would have stopped it earlier). {ADVICE}")
         out.metrics["train_nonfinite_skipped_steps"] = skipped
         if skipped:
             logger.warning(f"{skipped} optimizer step(s) had a non-finite loss or gradients and were skipped: "
-                           f"{self.nonfinite.skipped_steps[-skipped:][:20]}")
+                           f"{_shortened(steps)}")
         return out
+
+
+def _shortened(steps: list[int], limit: int = 20) -> str:
+    return str(steps[:limit]) + (f" and {len(steps) - limit} more" if len(steps) > limit else "")

@@ -141,10 +141,17 @@ class SlicePreparationMixin:
             ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
         loader = DataLoader(ds, batch_size=_hf.train_batch_size(self), sampler=sampler, collate_fn=collator)
         per_rank = math.ceil(cfg.calibration_batches / world)
-        for i, batch in enumerate(loader):
-            if i >= per_rank:
+        used = 0
+        for batch in loader:
+            if used >= per_rank:
                 break
             yield _hf.prepare_inputs(self, batch)
+            used += 1
+        if used < per_rank:  # reached only when the data ran out: the scorer stops pulling at its budget
+            ranks = f" on rank {rank} of {world}" if world > 1 else ""
+            logger.warning(f"importance={cfg.importance!r} scored {used} calibration batches{ranks}, not the "
+                           f"{per_rank} asked for (calibration_batches={cfg.calibration_batches}): the train "
+                           f"dataloader{ranks} yields only {used} batches of {_hf.train_batch_size(self)}")
 
 
 def _sum_over_ranks(scores: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
