@@ -80,7 +80,8 @@ class SparseNeuronConfig:
     )
     calibration_batches: int = field(
         default=50,
-        metadata={"help": "Train-dataloader batches used by taylor / hessian / zeroth_order / wanda scoring."}
+        metadata={"help": "Train-dataloader batches used by taylor / hessian / zeroth_order / wanda scoring (all "
+                          "the data has, with a warning, when it has fewer)."}
     )
     calibration_micro_batch_size: int = field(
         default=1,
