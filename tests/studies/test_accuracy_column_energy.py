@@ -3,22 +3,13 @@ layer inputs, shares are right for known selections, and the script runs end to 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from studies.accuracy import column_energy  # noqa: E402
-from sprune_trainer.layers.targets import find_target_layers  # noqa: E402
-from test_accuracy_sweep import tiny  # noqa: E402,F401  (the tiny model + LLM-Adapters folder fixture)
-
-
-pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
+from studies.accuracy import column_energy
+from sprune_trainer.layers.targets import find_target_layers
 
 
 def _model():
@@ -49,7 +40,7 @@ def test_energy_shares_and_grouping():
     assert column_energy.by_kind(shares) == {"q_proj": pytest.approx(11 / 16), "all": pytest.approx(11 / 16)}
 
 
-def test_script_end_to_end_on_a_tiny_model(tiny, tmp_path):  # noqa: F811
+def test_script_end_to_end_on_a_tiny_model(tiny, tmp_path):  # tiny: conftest's model + LLM-Adapters folder
     out = tmp_path / "energy.json"
     res = column_energy.main(["--data_dir", tiny["data"], "--model_name_or_path", tiny["model"], "--batches", "2",
                               "--batch_size", "2", "--out", str(out)])

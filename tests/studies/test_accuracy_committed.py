@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from studies.accuracy import aggregate, studies, tuning  # noqa: E402
+from helpers import REPO
+from studies.accuracy import aggregate, studies, tuning
 
 RESULTS = REPO / "studies" / "accuracy" / "results"
-
-
-pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 @pytest.mark.parametrize("folder", ["smollm2", "smollm2_lr_check"])

@@ -5,27 +5,17 @@ columns config on validation, and end to end on the CPU (a tiny Qwen2 with q/k/v
 solo through sweep.py --smoke, checked against the runs' own results.json."""
 import json
 import shlex
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "recipes"))
-sys.path.insert(0, str(REPO / "tests"))  # the shared test modules (test_recipe_*)
-
-from studies.accuracy import grid, studies, sweep, tuning  # noqa: E402
-from studies.accuracy.studies import QWEN15  # noqa: E402
+from studies.accuracy import grid, studies, sweep, tuning
+from studies.accuracy.studies import QWEN15
 
 TARGETS = list(grid.TARGETS)
 # Qwen2.5-Coder-1.5B-Instruct (its GGUF's metadata)
 QWEN15_CONFIG = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                      num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
-
-
-pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 def _meta_qwen2(layers: int):
@@ -199,9 +189,9 @@ def test_columns_config_and_lr_picked_on_validation_refused_runs_left_out():
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory):
-    """A tiny Qwen2 (q/k/v biases, tied embeddings) and data folder (test_accuracy_sweep.tiny_model_and_data),
+    """A tiny Qwen2 (q/k/v biases, tied embeddings) and data folder (helpers.tiny_model_and_data),
     swept through tune -> pick -> test and then the solo phase."""
-    from test_accuracy_sweep import TINY, tiny_model_and_data
+    from helpers import TINY, tiny_model_and_data
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     root = tmp_path_factory.mktemp("qwen15")
@@ -219,6 +209,7 @@ def _results(out, name):
     return json.loads((out / "runs" / name / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_smoke_tunes_picks_tests_and_measures_alone(tiny_qwen):
     out = tiny_qwen["out"]
     assert studies.of_folder(out) is QWEN15

@@ -1,16 +1,11 @@
 """docs/accuracy.md's table is the one readme_table.py generates from the committed accuracy.json (the docs cannot
 drift from the results), and --write replaces only its block."""
-from pathlib import Path
-
 import pytest
 
+from helpers import REPO
 from studies.accuracy import readme_table
 
-REPO = Path(__file__).resolve().parents[2]
 FOLDER = "studies/accuracy/results/qwen15"
-
-
-pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 def test_readme_block_matches_the_committed_results(monkeypatch):

@@ -7,20 +7,13 @@ import csv
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from studies.accuracy import aggregate, run_checks, studies  # noqa: E402
+from studies.accuracy import aggregate, run_checks, studies
 
 NAN, INF = float("nan"), float("inf")
-
-
-pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
 
 
 def _as_read(results: dict) -> dict:

@@ -7,16 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from studies.accuracy import aggregate, run_results  # noqa: E402
-from studies.accuracy.launcher import Job, SweepLog, run_jobs  # noqa: E402
-
-
-pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
+from helpers import REPO
+from studies.accuracy import aggregate, run_results
+from studies.accuracy.launcher import Job, SweepLog, run_jobs
 
 
 def _finished_run(out: Path, name: str, average: float) -> Path:
@@ -81,7 +75,6 @@ def test_runs_in_flight_when_copied_are_dropped_finished_and_failed_kept(tmp_pat
 def test_per_run_plots_are_dropped_and_redraw_from_the_committed_results(tmp_path):
     """The recipe's results.png of a finished run is removed (it weighs in every device call's copy of the
     tree); a committed run's results.json.gz alone redraws it."""
-    sys.path.insert(0, str(REPO / "recipes"))
     from commonsense import report
 
     done = _finished_run(tmp_path, "test-lora_r16-lr5e-4-s1", 0.5)

@@ -9,26 +9,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "recipes"))
-sys.path.insert(0, str(REPO / "tests"))  # the shared test modules (test_recipe_*)
-
-from studies.accuracy import grid, sweep, tuning  # noqa: E402
-from studies.accuracy.studies import SMOLLM2  # noqa: E402
-from studies.accuracy.launcher import Job, SweepLog, _estimate, run_jobs  # noqa: E402
-from test_recipe_commonsense import make_tokenizer  # noqa: E402
-from test_recipe_llama_commonsense import CONFIG as RECIPE_TEST_CONFIG, LORA_R2, _records  # noqa: E402
-
-# the tiny model of this file: hidden 64, intermediate 128, 2 layers, 4 heads / 2 kv heads of 16
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-
-
-pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
+from helpers import LORA_R2, RECIPE_MODEL_CONFIG as RECIPE_TEST_CONFIG, REPO
+from studies.accuracy import grid, sweep, tuning
+from studies.accuracy.studies import SMOLLM2
+from studies.accuracy.launcher import Job, SweepLog, _estimate, run_jobs
 
 
 # ------------------------------------------------------------------ grid: the run list and its arithmetic
@@ -288,36 +275,6 @@ def test_best_lr_is_the_highest_validation_average_and_ties_go_to_the_smaller_lr
 
 # ------------------------------------------------------------------ end to end: sweep.py --smoke
 
-def tiny_model_and_data(root: Path, config_cls, model_cls, **config) -> tuple[str, str]:
-    """(model folder, data folder) under root: a tiny seeded model + BPE tokenizer (as
-    tests/test_recipe_llama_commonsense.py builds them) and an LLM-Adapters folder with two training tasks (for the
-    validation split) and two test files."""
-    import torch
-
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    cfg = config_cls(vocab_size=len(tok), max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **config)
-    model_cls(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    data = root / "data"
-    for split, task, n, start in (("train", "boolq", 10, 0), ("train", "winogrande", 10, 0),
-                                  ("test", "boolq", 6, 100), ("test", "piqa", 6, 100)):
-        (data / split).mkdir(parents=True, exist_ok=True)
-        (data / split / f"{task}.json").write_text(json.dumps(_records(task, n, start)))
-    return str(root / "model"), str(data)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny Llama and data folder (tiny_model_and_data)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("accuracy")
-    model, data = tiny_model_and_data(root, LlamaConfig, LlamaForCausalLM, tie_word_embeddings=False, **TINY)
-    return {"model": model, "data": data, "out": root / "sweep"}
-
-
 def _sweep_args(tiny):
     return ["--phase", "all", "--smoke", "--parallel", "2", "--only", "sparse", "--out", str(tiny["out"]),
             "--model_name_or_path", tiny["model"], "--data_dir", tiny["data"], "--max_train_samples", "8"]
@@ -332,6 +289,7 @@ SMOKE_RUNS = ["tune-sparse_l2_per_layer_rows-lr1e-3-s1", "tune-sparse_l2_per_lay
               "test-sparse_l2_per_layer_rows-lr1e-3-s1", "test-sparse_taylor_global_columns-lr1e-3-s1"]
 
 
+@pytest.mark.slow
 def test_smoke_sweep_runs_tunes_and_aggregates(tiny, swept):
     out = tiny["out"]
     for name in SMOKE_RUNS:
@@ -366,6 +324,7 @@ def test_smoke_sweep_runs_tunes_and_aggregates(tiny, swept):
         out / "accuracy.md").read_text()
 
 
+@pytest.mark.slow
 def test_second_invocation_launches_nothing(tiny, swept):
     out = tiny["out"]
     before = {n: (out / "runs" / n / "results.json").stat().st_mtime_ns for n in SMOKE_RUNS}

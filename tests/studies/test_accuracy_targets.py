@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from studies.accuracy import sweep, targets  # noqa: E402
-
-
-pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
+from studies.accuracy import sweep, targets
 
 
 def _run(seed, tasks, phase="test"):

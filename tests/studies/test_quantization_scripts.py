@@ -1,18 +1,15 @@
 """The quantization study's scripts (studies/quantization/) run end to end (tiny shapes) and show what they are
 meant to show."""
 import json
-import os
-import sys
 
 import pytest
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'sprune_trainer[bnb]')")
 pytest.importorskip("peft")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "studies", "quantization"))
-from test_quantization import needs_4bit  # noqa: E402  (the same CPU probe and skip reason; tests/ is on pythonpath)
+from helpers import needs_bnb  # noqa: E402
 
-pytestmark = pytest.mark.studies  # a study's test (tests/studies/)
+needs_4bit = needs_bnb("4bit")  # test_quantization's CPU probe and skip reason
+# the scripts import as top-level modules: pyproject puts studies/quantization on sys.path
 
 
 @needs_4bit
