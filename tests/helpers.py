@@ -13,9 +13,14 @@ from torch import nn
 from sprune_trainer import SparseNeuronConfig
 
 REPO = Path(__file__).resolve().parents[1]
-# a few items of each LLM-Adapters commonsense file, shipped with the tests (provenance: its README.md);
-# SPRUNE_COMMONSENSE_DATA points the same tests at a full copy (CI: ../shared/data/commonsense)
-COMMONSENSE_DATA = Path(os.environ.get("SPRUNE_COMMONSENSE_DATA", REPO / "tests" / "data" / "commonsense"))
+# The real LLM-Adapters commonsense data stays out of this repository (its custodians ask so; several files are
+# share-alike): SPRUNE_COMMONSENSE_DATA names a copy (CI: ../shared/data/commonsense, also found by default). Without
+# one, the tests about the real items skip and the loader tests run on a synthetic folder (write_commonsense_folder).
+_SHARED_COMMONSENSE = REPO.parent / "shared" / "data" / "commonsense"
+COMMONSENSE_DATA = (Path(os.environ["SPRUNE_COMMONSENSE_DATA"]) if os.environ.get("SPRUNE_COMMONSENSE_DATA")
+                    else _SHARED_COMMONSENSE if _SHARED_COMMONSENSE.is_dir() else None)
+COMMONSENSE_TRAIN = ("ARC-Challenge", "ARC-Easy", "boolq", "openbookqa")
+COMMONSENSE_TEST = ("ARC-Easy", "boolq", "piqa", "social_i_qa", "winogrande")
 
 
 # ---- tiny seeded models and data ------------------------------------------------------------------------
@@ -311,6 +316,17 @@ def tiny_model_and_data(root: Path, config_cls, model_cls, **config) -> tuple[st
         (data / split).mkdir(parents=True, exist_ok=True)
         (data / split / f"{task}.json").write_text(json.dumps(llm_adapters_records(task, n, start)))
     return str(root / "model"), str(data)
+
+
+def write_commonsense_folder(folder: Path, n: int = 6) -> Path:
+    """An LLM-Adapters folder as the real one is laid out (train/<task>.json, test/<task>.json), n synthetic
+    records per file (llm_adapters_records)."""
+    import json
+    for split, names in (("train", COMMONSENSE_TRAIN), ("test", COMMONSENSE_TEST)):
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for task in names:
+            (folder / split / f"{task}.json").write_text(json.dumps(llm_adapters_records(task, n)))
+    return folder
 
 
 def read_llm_adapters_file(folder: Path, name: str) -> list[dict]:

