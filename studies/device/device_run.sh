@@ -147,7 +147,7 @@ from commonsense.modeling import smollm2_offline_dir; print(smollm2_offline_dir(
       nvidia-smi -L
       python -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
       python -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>/dev/null || echo "bitsandbytes: not staged (stage-bnb)" ;;
-    quant-tests) python -m pytest -q -rs -p no:cacheprovider tests/test_quantization.py tests/studies/test_quantization_scripts.py 2>&1 | tail -25 ;;
+    quant-tests) python -m pytest -q -rs -p no:cacheprovider tests/integration/test_quantization.py tests/studies/test_quantization_scripts.py 2>&1 | tail -25 ;;
     speed) python $Q/qlora_speed.py --shapes smollm2-135m,llama2-7b --out "$OUT/qlora_speed.json" 2>&1 | tail -14 ;;
     recon-smollm2) python $Q/reconstruction_error.py --gguf "$GGUF" --layers all --out "$OUT/recon_smollm2.json" 2>&1 | tail -9 ;;
     recon-7b) python $Q/reconstruction_error.py --shapes llama2-7b --out "$OUT/recon_llama2_7b.json" 2>&1 | tail -16 ;;
