@@ -102,6 +102,33 @@ def sparse_trainer(out, cfg=None, dataset=None, model=None, **kw):
                                sparse_config=cfg or SparseNeuronConfig(neurons_per_layer=4, importance="l2"))
 
 
+def masked_dense_training(selection, axis, make_optimizer, data, steps):
+    """The reference for slice training: tiny_model() with only the selected rows (or columns) of each sliced weight
+    trainable (a gradient mask), `steps` full-batch steps of `make_optimizer(weights)`; returns its state_dict."""
+    import torch
+    ref = tiny_model()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    weights = []
+    for name, idx in selection.items():
+        w = ref.get_submodule(name).weight
+        mask = torch.zeros_like(w, dtype=torch.bool)
+        if axis == "rows":
+            mask[idx] = True
+        else:
+            mask[:, idx] = True
+        w.requires_grad_(True)
+        w.register_hook(lambda g, m=mask: g * m)
+        weights.append(w)
+    opt = make_optimizer(weights)
+    batch = {"input_ids": data.ids, "labels": data.ids.clone()}
+    for _ in range(steps):
+        opt.zero_grad()
+        ref(**batch).loss.backward()
+        opt.step()
+    return ref.state_dict()
+
+
 def slice_state(model):
     """name -> a copy of each trainable (slice) parameter."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

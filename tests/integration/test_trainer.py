@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from helpers import TokenDataset, slice_state as _slice_state, sparse_trainer as _trainer, tiny_model
+from helpers import TokenDataset, masked_dense_training, tiny_model
+from helpers import slice_state as _slice_state, sparse_trainer as _trainer
 from helpers import trainer_args as _args
 from sprune_trainer import (SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, merge_sparse,
                             save_sparse_adapter)
@@ -26,27 +27,8 @@ def test_n_steps_equal_dense_training_with_a_neuron_mask(tmp_path, axis):
     selection = {n: m.index.clone() for n, m in sliced_modules(trainer.model).items()}
     ours = merge_sparse(trainer.model).state_dict()
 
-    ref = tiny_model()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    weights = []
-    for name, idx in selection.items():
-        w = ref.get_submodule(name).weight
-        mask = torch.zeros_like(w, dtype=torch.bool)
-        if axis == "rows":
-            mask[idx] = True
-        else:
-            mask[:, idx] = True
-        w.requires_grad_(True)
-        w.register_hook(lambda g, m=mask: g * m)
-        weights.append(w)
-    opt = torch.optim.AdamW(weights, lr=1e-2, weight_decay=0.0, foreach=False)
-    batch = {"input_ids": data.ids, "labels": data.ids.clone()}
-    for _ in range(5):
-        opt.zero_grad()
-        ref(**batch).loss.backward()
-        opt.step()
-    expected = ref.state_dict()
+    expected = masked_dense_training(selection, axis, lambda w: torch.optim.AdamW(w, lr=1e-2, weight_decay=0.0,
+                                                                                 foreach=False), data, steps=5)
     changed = 0
     for key in expected:
         torch.testing.assert_close(ours[key], expected[key], rtol=1e-3, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from helpers import TokenDataset, tiny_model
+from helpers import TokenDataset, masked_dense_training, tiny_model
 from sprune_trainer import SliceAdamW, SparseNeuronConfig, SparseNeuronTrainer, merge_sparse
 from sprune_trainer.layers.surgery import sliced_modules
 from sprune_trainer.optim.holds_slices import unwrap_optimizer
@@ -30,24 +30,8 @@ def test_the_users_optimizer_trains_the_slices_as_it_trains_masked_dense_weights
     selection = {n: m.index.clone() for n, m in sliced_modules(trainer.model).items()}
     ours = merge_sparse(trainer.model).state_dict()
 
-    ref = tiny_model()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    weights = []
-    for name, idx in selection.items():
-        w = ref.get_submodule(name).weight
-        mask = torch.zeros_like(w, dtype=torch.bool)
-        mask[idx] = True
-        w.requires_grad_(True)
-        w.register_hook(lambda g, m=mask: g * m)
-        weights.append(w)
-    opt = cls(weights, **kwargs)
-    batch = {"input_ids": data.ids, "labels": data.ids.clone()}
-    for _ in range(3):
-        opt.zero_grad()
-        ref(**batch).loss.backward()
-        opt.step()
-    expected, start = ref.state_dict(), tiny_model().state_dict()
+    expected = masked_dense_training(selection, "rows", lambda w: cls(w, **kwargs), data, steps=3)
+    start = tiny_model().state_dict()
     for key in expected:
         torch.testing.assert_close(ours[key], expected[key], rtol=1e-3, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
     assert sum(not torch.equal(ours[k], start[k]) for k in expected) == len(selection)
