@@ -258,10 +258,10 @@ class SparseNeuronConfig:
     ADAPTER_KEYS = SELECTION_KEYS + (
         "slice_dtype",  # the saved deltas' dtype; loading checks them against it
         "seed",         # with importance='random' it alone picks the neurons
+        "slice_dropout",  # builds the layers' dropout module, as PEFT's adapter_config keeps lora_dropout
     )
     # Run-time, not saved; the borderline ones:
     #   calibration_batches, calibration_micro_batch_size, zo_eps: how the scores were estimated; the indices are saved
-    #   slice_dropout: a training regularizer; the adapter's forward never drops
     #   recompute_slice_inputs: memory against speed, the same gradients
     #   optimizer_state: how the Adam moments are stored; a checkpoint keeps the moments themselves
     # and the run's guards and kernels: nonfinite_guard, max_nonfinite_steps, untrained_guard, cudnn_attention.
