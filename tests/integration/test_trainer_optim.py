@@ -14,8 +14,10 @@ from helpers import trainer_args as _args
 # bitsandbytes keeps tensors under 4,096 numbers in 32-bit state, so on these tiny layers its 8-bit optimizers run
 # their 32-bit kernels: the test checks that they are built and stepped over the slices, not 8-bit rounding.
 DEFAULT = str(TrainingArguments.__dataclass_fields__["optim"].default)  # adamw_torch_fused in 5.x, SliceAdamW here
-OPTIMS = [o for o in ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adamw_bnb_8bit",
-                      "paged_adamw_8bit") if o != DEFAULT]
+# (not rmsprop: its first step is 10 lr sign(g), so float-order noise in a near-zero gradient, which the masked dense
+# model sums in another order, can move an element half its step apart: seen on transformers 4.57's tiny model)
+OPTIMS = [o for o in ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "adamw_bnb_8bit", "paged_adamw_8bit")
+          if o != DEFAULT]
 
 
 @pytest.mark.parametrize("optim", OPTIMS)
