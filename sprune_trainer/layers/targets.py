@@ -57,7 +57,8 @@ def find_target_layers(model: nn.Module, target_modules=None) -> dict[str, nn.Li
                              "heads are never sliced (tied weights, vocabulary rows); remove it from target_modules.")
         if not isinstance(module, nn.Linear):
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}, not a linear layer; "
-                             "only nn.Linear (and bitsandbytes 4/8-bit linears) can be sliced.")
+                             "only nn.Linear (and bitsandbytes 4/8-bit linears) can be sliced: train it in full "
+                             "through modules_to_save, or drop it from target_modules.")
         found[name] = module
     unmatched = [t for t in ([target_modules] if isinstance(target_modules, str) else target_modules or [])
                  if t not in matched]
@@ -66,7 +67,10 @@ def find_target_layers(model: nn.Module, target_modules=None) -> dict[str, nn.Li
                 f"target_modules={target_modules!r} matched nothing" if not matched else
                 f"target_modules entries {unmatched} matched no module" if unmatched else
                 f"target_modules={target_modules!r} matched only layers that are sliced already")
-        raise ValueError(f"Cannot apply sparse-neuron fine-tuning: {what} in {type(model).__name__}. "
+        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+        why = (f" Its {len(conv1d)} projections (e.g. {conv1d[0]}) are transformers' Conv1D (GPT-2's transposed "
+               "linear), which cannot be sliced yet." if conv1d else "")
+        raise ValueError(f"Cannot apply sparse-neuron fine-tuning: {what} in {type(model).__name__}.{why} "
                          "Linear names here include: " + ", ".join(_linear_name_examples(model)))
     return found
 

@@ -25,6 +25,7 @@ from ..layers.targets import find_target_layers
 from ..scoring.heads import head_groups
 from ..scoring.importance import score_neurons
 from ..scoring.selection import layer_budget, select_neurons
+from .coverage import warn_uncovered
 from .summary import format_summary, selection_summary, summary_metrics, warn_unscored_layers
 
 logger = logging.get_logger(__name__)
@@ -75,6 +76,8 @@ class SlicePreparationMixin:
         modules_to_save(self.model, cfg.modules_to_save)  # a typo fails here, before any scoring
         selection = adapter.selection if adapter is not None else self._select_neurons()
         inject_slices(self.model, selection, cfg)
+        if self.is_world_process_zero():
+            warn_uncovered(self.model)
         if cfg.quantize_base:
             self._check_zero3_quantized_base()  # the 4-bit layers quantize_base just made
         if getattr(self.args, "gradient_checkpointing", False) or getattr(self.args, "activation_checkpointing", False):

@@ -46,7 +46,13 @@ def selection_summary(model: nn.Module, optimizer_state: str = "float32") -> dic
         "trainable_percent": 100.0 * trainable / max(frozen, 1),
         "optimizer_state_bytes": int(trainable * adam_state_bytes_per_param(optimizer_state)),
         "full_ft_adamw_state_bytes": int(frozen * adam_state_bytes_per_param("float32")),
+        "coverage": _coverage(model),
     }
+
+
+def _coverage(model: nn.Module) -> dict:
+    from .coverage import coverage_by_type  # (coverage.py counts with logical_numel, from here)
+    return coverage_by_type(model)
 
 
 def _mib(n: float) -> str:
@@ -61,6 +67,13 @@ def format_summary(s: dict) -> str:
                      f"({v['selected']:,} of {v['of']:,})")
     lines.append(f"  trainable params: {s['trainable_params']:,} of {s['model_params']:,} "
                  f"({s['trainable_percent']:.3f}%)")
+    total = sum(v["params"] for v in s.get("coverage", {}).values())
+    big = sorted(((k, v) for k, v in s.get("coverage", {}).items() if v["params"] >= 0.01 * total),
+                 key=lambda kv: -kv[1]["params"])
+    if big:
+        reached = ", ".join(f"{k} {100 * v['sliced'] / v['params']:.0f}% / {100 * v['trained'] / v['params']:.0f}%"
+                            for k, v in big)
+        lines.append(f"  weights reached, by module type (sliced / trained in full): {reached}")
     ratio = s["optimizer_state_bytes"] / max(s["full_ft_adamw_state_bytes"], 1)
     lines.append(f"  optimizer state: {_mib(s['optimizer_state_bytes'])} vs {_mib(s['full_ft_adamw_state_bytes'])} "
                  f"for AdamW on the full model ({ratio:.4f}x)")
