@@ -398,7 +398,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
         extra = {}
         if method == "sparse":
             from sprune_trainer import SparseNeuronTrainer
+            from commonsense.announce import AnnounceSelection
             trainer_cls, extra["sparse_config"] = SparseNeuronTrainer, sparse_cfg
+            extra["callbacks"] = [AnnounceSelection(sparse_cfg)]
         else:
             trainer_cls = GuardedTrainer  # the baselines get the same non-finite guard as the sparse trainer
             extra.update(max_nonfinite_steps=sparse_cfg.max_nonfinite_steps, nonfinite_guard=sparse_cfg.nonfinite_guard,

@@ -95,10 +95,15 @@ def test_recipe_other_methods_train_what_they_should(setup, tmp_path, method):
 
 
 @pytest.mark.skipif(not HAVE_TRAINER, reason=WHY)
-def test_recipe_end_to_end_sparse(setup, tmp_path):
+def test_recipe_end_to_end_sparse(setup, tmp_path, capsys):
     out = tmp_path / "sparse"
     res = _run(setup, out, "--method", "sparse", "--neurons_per_layer", "2", "--importance", "l2")
     _check_run(setup, res, out)
+    console = capsys.readouterr().out  # what the run trains, said on the console before training
+    share = res["training"]["sparse_summary"]["trainable_percent"]
+    assert (f"[sparse] importance=l2, axis=rows, scope=per_layer: 2 neurons per layer in 14 layers; training "
+            f"{SPARSE_ROWS_2:,} of ") in console and f"({share:.2f} %)" in console
+    assert console.index("[sparse] importance=l2") < console.index("'loss'")
     assert res["training"]["trainable_params"] == SPARSE_ROWS_2  # the slices and nothing else
     assert res["args"]["sparse"]["neurons_per_layer"] == 2
     again = _run(setup, tmp_path / "sparse_eval", "--method", "sparse", "--do_train", "false", "--no_eval_before",
