@@ -38,3 +38,9 @@ def test_every_relative_link_resolves():
             if "://" in target:
                 continue
             assert (doc.parent / target).exists(), f"{doc.name}: {target}"
+
+
+def test_readme_snippet_names_every_criterion():
+    from sprune_trainer.config import IMPORTANCE_NAMES
+    line = next(x for x in (REPO / "README.md").read_text().splitlines() if "importance=" in x and "#" in x)
+    assert line.split("#", 1)[1].split() == " | ".join(IMPORTANCE_NAMES).split(), line
