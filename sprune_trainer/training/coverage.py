@@ -51,7 +51,7 @@ def uncovered_weights(model: nn.Module, min_share: float = 0.01) -> list[tuple[s
     is neither in a sliced layer nor trained, nor an embedding or the output head (frozen on purpose)."""
     sliced = _in_sliced_layer(model)
     rows = list(_owners(model))
-    total = sum(logical_numel(p) for _, p, m in rows if not isinstance(m, SlicedLinear) or id(p) in sliced)
+    total = sum(logical_numel(p) for _, p, m in rows if not isinstance(m, SlicedLinear))  # the model, not its slices
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out = []
     for name, p, module in rows:

@@ -55,7 +55,7 @@ class UntrainedGuard:
         step = self.step_source() + 1
         if not self.due(step):
             return None
-        params = [p for p in self.watched([p for g in optimizer.param_groups for p in g["params"]])]
+        params = self.watched([p for g in optimizer.param_groups for p in g["params"]])
         lr_positive = any(float(g.get("lr", 0.0)) > 0 for g in optimizer.param_groups)
         grads = [p.grad for p in params if p.grad is not None]
         device = params[0].device if params else torch.device("cpu")
