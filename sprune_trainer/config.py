@@ -159,7 +159,7 @@ class SparseNeuronConfig:
                           "handles."})
     untrained_guard: bool = field(
         default=True,
-        metadata={"help": "Stop with SlicesNotTrainingError when an optimizer step finds no slice with a non-zero finite "
+        metadata={"help": "Stop with SlicesNotTrainingError when an optimizer step finds no slice with a non-zero "
                           "gradient, or changes none (a compiled or wrapped model that loses the slices' gradient, "
                           "hooks, a frozen path, a zero learning rate): checked on the first steps taken until one "
                           "with a positive learning rate moved the slices, then at every logging step, all ranks "

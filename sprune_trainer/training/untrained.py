@@ -66,7 +66,7 @@ class UntrainedGuard:
             has_grad = (norms != 0).any().to(device)
         else:
             has_grad = torch.zeros((), dtype=torch.bool, device=device)
-        values = _norms(params)
+        values = _norms(params) if lr_positive else None  # nothing to compare at lr 0
         return step, params, has_grad, values, lr_positive
 
     def after_step(self, pending) -> None:
