@@ -14,6 +14,7 @@ IMPORTANCE_NAMES = ("random", "l1", "l2", "taylor", "hessian", "zeroth_order", "
 DATA_IMPORTANCE_NAMES = ("taylor", "hessian", "zeroth_order", "wanda")  # those that score on calibration batches
 TAYLOR_FORMS = ("multivariable", "elementwise")
 SCOPES = ("per_layer", "global")
+EXPERT_SCOPES = ("per_expert", "across_experts")
 AXES = ("rows", "columns")
 SLICE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 OPTIMIZER_STATES = ("float32", "bfloat16", "int8")
@@ -53,6 +54,14 @@ class SparseNeuronConfig:
         default="per_layer",
         metadata={"help": "per_layer: top-k in every layer; global: one budget (same total) across all layers, "
                           "scores normalised by each layer's mean."},
+    )
+    expert_scope: str = field(
+        default="per_expert",
+        metadata={"help": f"MoE experts, one of {EXPERT_SCOPES}: per_expert: every expert's projection is a layer of "
+                          "its own (each gets the per-layer budget); across_experts: the experts of one projection "
+                          "(e.g. layer 3's gate_up_proj) share the sum of their budgets, so an expert scored higher "
+                          "(with data-driven criteria: one that more tokens are routed to) trains more neurons and one "
+                          "may train none. With scope='global' every layer shares one budget anyway."},
     )
     head_balanced: bool = field(
         default=False,
@@ -187,7 +196,8 @@ class SparseNeuronConfig:
             raise ValueError(f"neurons_per_layer must be a positive integer, got {self.neurons_per_layer!r}.")
         if self.ratio is not None and not (_is_real(self.ratio) and 0.0 < self.ratio <= 1.0):
             raise ValueError(f"ratio must be a number in (0, 1], got {self.ratio!r}.")
-        for name, value, allowed in (("scope", self.scope, SCOPES), ("axis", self.axis, AXES),
+        for name, value, allowed in (("scope", self.scope, SCOPES), ("expert_scope", self.expert_scope, EXPERT_SCOPES),
+                                     ("axis", self.axis, AXES),
                                      ("slice_dtype", self.slice_dtype, SLICE_DTYPES),
                                      ("optimizer_state", self.optimizer_state, OPTIMIZER_STATES)):
             if value not in allowed:
@@ -248,10 +258,11 @@ class SparseNeuronConfig:
     # (optimizer state may differ only in storage)
     SELECTION_KEYS = ("importance", "neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias",
                       "quantize_base", "double_quant", "init_from_quantization_error", "taylor_form", "head_balanced",
-                      "modules_to_save")
+                      "modules_to_save", "expert_scope")
 
     # what a model's slices are, once they exist: a trainer given a sliced model refuses a config that differs here
-    SLICE_KEYS = ("neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias", "modules_to_save")
+    SLICE_KEYS = ("neurons_per_layer", "ratio", "scope", "axis", "target_modules", "train_bias", "modules_to_save",
+                  "expert_scope")
 
     # what an adapter is, and so what its json records (every other field is how a run goes, set anew by each run
     # and never saved, so renaming one cannot make a saved adapter unloadable):

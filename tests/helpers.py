@@ -25,6 +25,12 @@ COMMONSENSE_TEST = ("ARC-Easy", "boolq", "piqa", "social_i_qa", "winogrande")
 
 # ---- tiny seeded models and data ------------------------------------------------------------------------
 
+# a tiny Mixtral (MixtralConfig(**SHAPE_MOE)): 4 experts of width 16, top-2
+SHAPE_MOE = dict(vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, num_local_experts=4,
+                 num_experts_per_tok=2)
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
     kw = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -102,31 +108,59 @@ def sparse_trainer(out, cfg=None, dataset=None, model=None, **kw):
                                sparse_config=cfg or SparseNeuronConfig(neurons_per_layer=4, importance="l2"))
 
 
-def masked_dense_training(selection, axis, make_optimizer, data, steps):
-    """The reference for slice training: tiny_model() with only the selected rows (or columns) of each sliced weight
-    trainable (a gradient mask), `steps` full-batch steps of `make_optimizer(weights)`; returns its state_dict."""
+def masked_dense_training(selection, axis, make_optimizer, data, steps, make_model=None, before_step=None):
+    """The reference for slice training: `make_model()` (default tiny_model()) with only the dense weight entries the
+    slices cover trainable (a gradient mask, `dense_mask`), `steps` full-batch steps of `make_optimizer(weights)`
+    (`before_step(i)` first, if given); returns its state_dict."""
     import torch
-    ref = tiny_model()
+    ref = (make_model or tiny_model)()
     for p in ref.parameters():
         p.requires_grad_(False)
-    weights = []
+    masks = {}
     for name, idx in selection.items():
-        w = ref.get_submodule(name).weight
-        mask = torch.zeros_like(w, dtype=torch.bool)
-        if axis == "rows":
-            mask[idx] = True
-        else:
-            mask[:, idx] = True
+        w, mask = dense_mask(ref, name, idx, axis)
+        masks[w] = masks[w] | mask if w in masks else mask  # experts of one fused tensor share it
+    for w, mask in masks.items():
         w.requires_grad_(True)
         w.register_hook(lambda g, m=mask: g * m)
-        weights.append(w)
-    opt = make_optimizer(weights)
+    opt = make_optimizer(list(masks))
     batch = {"input_ids": data.ids, "labels": data.ids.clone()}
-    for _ in range(steps):
+    for i in range(steps):
+        if before_step is not None:
+            before_step(i)
         opt.zero_grad()
         ref(**batch).loss.backward()
         opt.step()
     return ref.state_dict()
+
+
+def dense_mask(model, name, idx, axis):
+    """(parameter, bool mask) of the dense weight entries a slice on layer `name` (neurons `idx` on `axis`) covers in
+    `model`, an unsliced twin: an nn.Linear's weight, a Conv1D's (stored transposed), or one expert's matrix of a
+    fused 3-D expert parameter (`experts.<e>.<projection>`)."""
+    parts = name.split(".")
+    fused = None
+    if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit():
+        fused = getattr(model.get_submodule(".".join(parts[:-2])), parts[-1], None)
+    if isinstance(fused, nn.Parameter) and fused.dim() == 3:
+        w, e = fused, int(parts[-2])
+        mask = torch.zeros_like(w, dtype=torch.bool)
+        if axis == "rows":
+            mask[e, idx] = True
+        else:
+            mask[e, :, idx] = True
+        return w, mask
+    module = model.get_submodule(name)
+    w = module.weight
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    rows = axis == "rows"
+    if type(module).__name__ == "Conv1D":  # (d_in, d_out)
+        rows = not rows
+    if rows:
+        mask[idx] = True
+    else:
+        mask[:, idx] = True
+    return w, mask
 
 
 def slice_state(model):

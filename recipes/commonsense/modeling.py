@@ -123,9 +123,10 @@ def load_model_and_tokenizer(name_or_path: str = OFFLINE_DEFAULT, cache_dir: Opt
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Names of the nn.Linear modules that may be fine-tuned: all but the output head."""
+    """Names of the linear modules that may be fine-tuned (nn.Linear, transformers' Conv1D): all but the output head."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    return [n for n, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and m is not head]
 
 
 def check_has_linear_layers(model: nn.Module, target_modules=None) -> list[str]:
@@ -133,7 +134,7 @@ def check_has_linear_layers(model: nn.Module, target_modules=None) -> list[str]:
     names = linear_layer_names(model)
     if not names:
         kinds = sorted({type(m).__name__ for m in model.modules() if len(list(m.children())) == 0})
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layers besides its output head, so there is "
+        raise ValueError(f"{type(model).__name__} has no linear layers besides its output head, so there is "
                          f"nothing for --method sparse/lora/dora to adapt (leaf modules: {kinds}).")
     if target_modules:
         if isinstance(target_modules, str):
@@ -141,7 +142,7 @@ def check_has_linear_layers(model: nn.Module, target_modules=None) -> list[str]:
         else:
             hit = [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
         if not hit:
-            raise ValueError(f"target_modules {target_modules} match no nn.Linear of the model; "
+            raise ValueError(f"target_modules {target_modules} match no linear layer of the model; "
                              f"examples of its linear layers: {names[:8]}.")
         return hit
     return names

@@ -29,6 +29,8 @@ from torch import nn
 
 from .. import __version__
 from ..config import SLICE_DTYPES, SparseNeuronConfig, dtype_name
+from ..layers.experts import expose_experts, hide_experts
+from ..layers.linear_like import is_sliceable, linear_shape
 from ..layers.full_modules import check_full_fits, check_full_tensors, copy_full_into, full_metadata, full_state
 from ..layers.surgery import CONFIG_ATTR, inject_slices, layers_to_quantize, sliced_modules
 from ..training.nonfinite import require_finite
@@ -303,15 +305,35 @@ def check_adapter_fits(model: nn.Module, adapter: SparseAdapter, slice_dtype: Op
             if saved is not None and saved != here:
                 raise ValueError(f"adapter is for a different model: saved from a {what} {saved!r}, this model's is "
                                  f"{here!r} (pass check_model_class=False if its layers really are the same)")
+    if any(".experts." in name for name in adapter.shapes):
+        expose_experts(model)  # expert slices are named by their views, experts.<e>.<projection>
+    try:
+        _check_layers_fit(model, adapter)
+        check_full_fits(model, adapter.config.modules_to_save, adapter.tensors)
+        if sliced_modules(model):
+            check_slices_match(model, adapter)
+            return
+        layers_to_quantize(model, adapter.config)  # quantize_base on an already quantized model: refused now
+        if slice_dtype is not None:
+            for name, saved in adapter.dtypes().items():
+                check_no_rounding(saved, slice_dtype_for(model.get_submodule(name), slice_dtype), f"slice {name!r}",
+                                  f"use slice_dtype={dtype_name(saved)!r} (or 'float32')")
+    except ValueError:
+        hide_experts(model, keep=lambda m: any(isinstance(c, SlicedLinear) for c in m.modules()))  # as it was
+        raise
+
+
+def _check_layers_fit(model: nn.Module, adapter: SparseAdapter) -> None:
+    """Every slice of the adapter sits on a linear of `model` with its shape (and bias, with train_bias)."""
     for name, shape in adapter.shapes.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"adapter is for a different model: it has a slice for {name!r}, which "
                              f"{type(model).__name__} does not have") from None
-        if not isinstance(module, nn.Linear | SlicedLinear):
+        if not (is_sliceable(module) or isinstance(module, SlicedLinear)):
             raise ValueError(f"adapter is for a different model: {name!r} is a {type(module).__name__} here")
-        have = (module.out_features, module.in_features)
+        have = (module.out_features, module.in_features) if isinstance(module, SlicedLinear) else linear_shape(module)
         if have != tuple(shape):
             raise ValueError(f"adapter is for a different model shape: {name!r} is {have} here, "
                              f"{tuple(shape)} in the adapter")
@@ -319,15 +341,6 @@ def check_adapter_fits(model: nn.Module, adapter: SparseAdapter, slice_dtype: Op
         if adapter.config.train_bias and has_bias != saved_bias:
             raise ValueError(f"adapter is for a different model: {name!r} {'has' if has_bias else 'has no'} bias here, "
                              f"but the adapter (train_bias=True) {'has' if saved_bias else 'has no'} bias_delta for it")
-    check_full_fits(model, adapter.config.modules_to_save, adapter.tensors)
-    if sliced_modules(model):
-        check_slices_match(model, adapter)
-        return
-    layers_to_quantize(model, adapter.config)  # quantize_base on an already quantized model: refused now
-    if slice_dtype is not None:
-        for name, saved in adapter.dtypes().items():
-            check_no_rounding(saved, slice_dtype_for(model.get_submodule(name), slice_dtype), f"slice {name!r}",
-                              f"use slice_dtype={dtype_name(saved)!r} (or 'float32')")
 
 
 def check_slices_match(model: nn.Module, adapter: SparseAdapter) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .._hf_internals import restore_save_pretrained
+from .experts import hide_experts
 from .quantization import bnb_kind, dequantize_weight, dequantized_dtype, requantize_like
 from .surgery import CONFIG_ATTR, parent_of, sliced_modules
 
@@ -15,7 +16,8 @@ from .surgery import CONFIG_ATTR, parent_of, sliced_modules
 @torch.no_grad()
 def merge_sparse(model: nn.Module, requantize: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Fold every slice into its base weight (W[I] += delta) and take the wrappers out. Works in place, returns
-    `model`.
+    `model`. MoE expert slices are folded into their fused expert parameters, Conv1D slices into the stored
+    (transposed) weight.
 
     requantize=False: an ordinary full-precision model for `save_pretrained`. Full-precision bases are merged in
       place; every bitsandbytes layer (sliced or not) is dequantized to a plain nn.Linear in `dtype` (default: the
@@ -43,6 +45,7 @@ def merge_sparse(model: nn.Module, requantize: bool = False, dtype: Optional[tor
                       else _dense_linear(weight, bias, dtype or dequantized_dtype(base, model_dtype)))
         parent, child = parent_of(model, name)
         setattr(parent, child, merged)
+    hide_experts(model)  # merged experts run their own forward again, with their parameters as they were named
     if not requantize:
         _dequantize_remaining(model, dtype, model_dtype)
     if hasattr(model, CONFIG_ATTR):

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .linear_like import linear_weight
+
 BLOCKSIZE = 64  # QLoRA's and PEFT LoftQ's 4-bit block
 
 
@@ -59,7 +61,7 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     kind = bnb_kind(layer)
     w = layer.weight
     if kind is None or (kind == "8bit" and w.dtype != torch.int8):  # plain, or 8-bit with has_fp16_weights
-        return w.detach().float()
+        return linear_weight(layer).detach().float()
     F = import_bitsandbytes(f"dequantizing {type(layer).__name__}").functional
     if kind == "4bit":
         state = w.quant_state

@@ -11,6 +11,7 @@ import warnings
 import torch
 from torch import nn
 
+from .linear_like import is_plain_dense, linear_shape, linear_weight, source_parameters
 from .recompute import input_source
 from .sliced_matmul import sliced_linear
 
@@ -48,7 +49,7 @@ class SlicedLinear(nn.Module):
         super().__init__()
         if axis not in ("rows", "columns"):
             raise ValueError(f"axis must be 'rows' or 'columns', got {axis!r}")
-        d_out, d_in = base_layer.out_features, base_layer.in_features
+        d_out, d_in = linear_shape(base_layer)
         index = checked_index(index, d_out if axis == "rows" else d_in)
         if train_bias and axis != "rows":
             raise ValueError("train_bias needs axis='rows'")
@@ -80,11 +81,11 @@ class SlicedLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return linear_shape(self.base_layer)[1]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return linear_shape(self.base_layer)[0]
 
     @property
     def merged(self) -> bool:
@@ -100,7 +101,7 @@ class SlicedLinear(nn.Module):
             # saved tensors, which the rebuild reads)
             rebuild = self.recompute_input and self.axis == "rows" and not torch.compiler.is_compiling()
             source = self._input_source(x) if rebuild else None
-            return sliced_linear(x, base.weight, base.bias, self.index, self.delta, self.axis, source)
+            return sliced_linear(x, linear_weight(base), base.bias, self.index, self.delta, self.axis, source)
         y = self.base_layer(x)  # (..., d_out)
         delta = self.delta.to(x.dtype)
         if self.axis == "rows":
@@ -129,11 +130,11 @@ class SlicedLinear(nn.Module):
 
     def _fusable(self) -> bool:
         """The fused path (sliced_matmul) reads the base weight itself, so only for a plain, hook-free dense
-        nn.Linear: not a quantized or ZeRO-3-partitioned weight (ds_id), nor one that accelerate or user hooks
-        must see being called; `base_layer(x)` plus a separate update otherwise."""
+        layer (linear_like.is_plain_dense): not a quantized or ZeRO-3-partitioned weight (ds_id), nor one that
+        accelerate or user hooks must see being called; `base_layer(x)` plus a separate update otherwise."""
         base = self.base_layer
-        return (self.fused and type(base) is nn.Linear and self.bias_delta is None and base.weight.dtype.is_floating_point
-                and not hasattr(base.weight, "ds_id") and not hasattr(base, "_hf_hook")
+        return (self.fused and is_plain_dense(base) and self.bias_delta is None and base.weight.dtype.is_floating_point
+                and not any(hasattr(p, "ds_id") for p in source_parameters(base)) and not hasattr(base, "_hf_hook")
                 and not (base._forward_hooks or base._forward_pre_hooks))
 
     @property
@@ -163,7 +164,7 @@ class SlicedLinear(nn.Module):
         exactly by restoring the saved original rows/columns."""
         if self.merged:
             return
-        w = self.base_layer.weight
+        w = linear_weight(self.base_layer)  # a view for Conv1D and experts: written through to the stored tensor
         if not w.dtype.is_floating_point:
             raise TypeError(f"cannot merge into a {w.dtype} (quantized) weight in place; merge_sparse "
                             "dequantizes such layers")
@@ -185,10 +186,11 @@ class SlicedLinear(nn.Module):
         if not self.merged:
             return
         original, bias_original = self._merged_original
+        w = linear_weight(self.base_layer)
         if self.axis == "rows":
-            self.base_layer.weight[self.index] = original
+            w[self.index] = original
         else:
-            self.base_layer.weight[:, self.index] = original
+            w[:, self.index] = original
         if bias_original is not None:
             self.base_layer.bias[self.index] = bias_original
         self._merged_original = None

@@ -10,7 +10,9 @@ from torch import nn
 
 from .._hf_internals import refuse_save_pretrained
 from ..config import DATA_IMPORTANCE_NAMES, SparseNeuronConfig
+from .experts import expose_experts, hide_experts
 from .full_modules import check_not_sliced, modules_to_save, train_in_full, warn_untrained_head
+from .linear_like import is_sliceable, linear_shape
 from .quantization import bnb_kind, dequantize_weight, import_bitsandbytes, quantize_4bit
 from .sliced_linear import SlicedLinear, checked_index, slice_dtype_for
 from .targets import find_target_layers
@@ -52,6 +54,11 @@ def layers_to_quantize(model: nn.Module, config: SparseNeuronConfig) -> dict[str
     if config.quantize_base is None:
         return {}
     layers = find_target_layers(model, config.target_modules)
+    other = next(((n, m) for n, m in layers.items() if not isinstance(m, nn.Linear)), None)
+    if other is not None:
+        raise ValueError(f"quantize_base={config.quantize_base!r} makes bitsandbytes 4-bit linears, but {other[0]} is a "
+                         f"{type(other[1]).__name__} (Conv1D and MoE expert bases stay in full precision): leave such "
+                         "layers out of target_modules, or leave quantize_base unset")
     done = next(((n, bnb_kind(m)) for n, m in layers.items() if bnb_kind(m)), None)
     if done is None:
         return layers
@@ -108,6 +115,8 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
             wrapped[name] = base = layer
         base.train(original.training)  # a model in eval mode stays so: no slice dropout, bnb's inference kernels
         setattr(parent, child, base)
+    # experts modules that got no slice run their own forward again
+    hide_experts(model, keep=lambda m: any(isinstance(c, SlicedLinear) for c in m.modules()))
     setattr(model, CONFIG_ATTR, config)
     refuse_save_pretrained(model)  # merge_sparse takes it away
     return wrapped
@@ -116,14 +125,16 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
 def _checked_selection(model: nn.Module, selection: dict, axis: str) -> dict[str, torch.Tensor]:
     """name -> sorted indices, once every name is a linear of `model` and every index set fits it."""
     checked = {}
+    if any(".experts." in name for name in selection):
+        expose_experts(model)  # an adapter's or caller's selection names expert views (experts.<e>.<projection>)
     for name, index in selection.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{name} is not a module of {type(model).__name__}") from None
-        if not isinstance(module, nn.Linear):
+        if not is_sliceable(module):
             raise ValueError(f"{name} is a {type(module).__name__}, not a linear layer")
-        n_units = module.out_features if axis == "rows" else module.in_features
+        n_units = linear_shape(module)[0 if axis == "rows" else 1]
         try:
             checked[name] = checked_index(index, n_units)
         except ValueError as e:

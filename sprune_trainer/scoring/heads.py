@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import SparseNeuronConfig
+from ..layers.linear_like import linear_shape
 
 # projection name -> config attribute with its number of heads, per axis
 HEAD_ATTRIBUTES = {
@@ -44,7 +45,7 @@ def head_groups(model: nn.Module, layers: dict[str, nn.Module], config: SparseNe
         heads = _heads(model_config, attribute)
         if not isinstance(heads, int) or heads <= 0:
             raise ValueError(f"head_balanced=True needs {attribute} in the model config for {name}, found {heads!r}.")
-        n_units = layer.out_features if config.axis == "rows" else layer.in_features
+        n_units = linear_shape(layer)[0 if config.axis == "rows" else 1]
         if n_units % heads:
             raise ValueError(f"head_balanced=True: {name} has {n_units} {config.axis}, not a multiple of its "
                              f"{heads} heads ({attribute}).")

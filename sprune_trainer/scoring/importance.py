@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from .calibration import micro_batches, split_rows
 from ..config import SparseNeuronConfig
+from ..layers.linear_like import linear_shape, source_parameters
 from ..layers.quantization import dequantize_weight
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -81,12 +82,12 @@ def dense_weight(layer: nn.Module) -> Iterator[torch.Tensor]:
     Dequantizes bitsandbytes 4-bit / 8-bit weights through `quantization.dequantize_weight`, which also finds an
     8-bit layer's scales after its first forward (moved from `weight.SCB` to `layer.state`), and gathers a ZeRO-3
     partitioned weight (`ds_id`) for the duration of the block. The layer's values are never modified."""
-    weight = layer.weight
+    partitioned = [p for p in source_parameters(layer) if hasattr(p, "ds_id")]  # DeepSpeed ZeRO-3 shards
     gather = contextlib.nullcontext()
-    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+    if partitioned:
         import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+        gather = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
     with gather:
         yield dequantize_weight(layer)
 
@@ -102,10 +103,8 @@ def _as_2d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _n_scores(layer: nn.Module, config: SparseNeuronConfig) -> int:
-    """d_out (rows) or d_in (columns); from the module's features, as 4-bit weights are stored packed."""
-    if hasattr(layer, "out_features") and hasattr(layer, "in_features"):
-        return layer.out_features if config.axis == "rows" else layer.in_features
-    return layer.weight.shape[0 if config.axis == "rows" else 1]
+    """d_out (rows) or d_in (columns)."""
+    return linear_shape(layer)[0 if config.axis == "rows" else 1]
 
 
 def _default_loss(model: nn.Module, batch: dict) -> Optional[torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SparseNeuronConfig
+from ..layers.experts import expert_group
 
 
 def layer_budget(n_units: int, config: SparseNeuronConfig, name: str = "layer") -> int:
@@ -42,8 +43,11 @@ def select_neurons(scores: dict[str, torch.Tensor], config: SparseNeuronConfig,
     groups = head_groups or {}
     budgets = {name: layer_budget(s.numel(), config, name) for name, s in scores.items()}
     if config.scope == "per_layer":
-        return {name: _top_per_head(s.float(), budgets[name], groups[name]) if name in groups
-                else _top(s.float(), budgets[name]) for name, s in scores.items()}
+        pooled = _pooled_experts(scores, budgets) if config.expert_scope == "across_experts" else {}
+        return {name: pooled[name] if name in pooled else
+                _top_per_head(s.float(), budgets[name], groups[name]) if name in groups
+                else _top(s.float(), budgets[name]) for name, s in scores.items()
+                if name not in pooled or pooled[name].numel()}
 
     names = list(scores)
     normed = [s.float() / s.float().mean().clamp_min(torch.finfo(torch.float32).tiny) for s in scores.values()]
@@ -57,3 +61,23 @@ def select_neurons(scores: dict[str, torch.Tensor], config: SparseNeuronConfig,
             heads = groups.get(name)
             selection[name] = idx if heads is None else _top_per_head(normed[i], idx.numel(), heads)
     return selection
+
+
+def _pooled_experts(scores: dict[str, torch.Tensor], budgets: dict[str, int]) -> dict[str, torch.Tensor]:
+    """expert_scope='across_experts': the experts of one projection share the sum of their budgets, spent on the
+    highest raw scores among them (one projection's experts score on one scale). name -> indices, maybe empty."""
+    pools: dict[str, list[str]] = {}
+    for name in scores:
+        group = expert_group(name)
+        if group is not None:
+            pools.setdefault(group, []).append(name)
+    out = {}
+    for names in pools.values():
+        flat = torch.cat([scores[n].float() for n in names])
+        chosen = _top(flat, sum(budgets[n] for n in names))
+        lo = 0
+        for n in names:
+            hi = lo + scores[n].numel()
+            out[n] = chosen[(chosen >= lo) & (chosen < hi)] - lo
+            lo = hi
+    return out

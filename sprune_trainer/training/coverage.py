@@ -1,5 +1,5 @@
 """Which of the model's weights the run covers: sliced layers, fully trained modules, or nothing. A weight that is
-neither (an MoE model's fused expert tensors, a layer type the slicer does not know) stays frozen, so a model whose
+neither (a layer type the slicer does not know, experts of an unknown layout, a router) stays frozen, so a model whose
 bulk is such weights would train only a sliver of itself; `warn_uncovered` names every large one instead of letting
 that pass in silence."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections import defaultdict
 from torch import nn
 from transformers.utils import logging
 
+from ..layers.linear_like import source_parameters
 from ..layers.sliced_linear import SlicedLinear
 from .summary import logical_numel
 
@@ -27,7 +28,8 @@ def _owners(model: nn.Module):
 
 
 def _in_sliced_layer(model: nn.Module) -> set[int]:
-    return {id(p) for m in model.modules() if isinstance(m, SlicedLinear) for p in m.base_layer.parameters()}
+    """ids of the parameters under a slice (a fused MoE expert tensor counts once any of its experts has one)."""
+    return {id(p) for m in model.modules() if isinstance(m, SlicedLinear) for p in source_parameters(m.base_layer)}
 
 
 def coverage_by_type(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -78,7 +80,7 @@ def warn_uncovered(model: nn.Module, min_share: float = 0.01, limit: int = 6) ->
     more = f"; and {len(listed) - limit} more groups" if len(listed) > limit else ""
     total = 100 * sum(s for _, _, s in found)
     logger.warning(f"{len(found)} weights holding {total:.1f}% of the model's parameters are neither sliced nor "
-                   f"trained, so they stay frozen: {shown}{more}. Slice nn.Linear layers through target_modules, "
-                   "train a module in full through modules_to_save, or leave them frozen if that is what you want "
-                   "(fused MoE expert weights cannot be sliced yet).")
+                   f"trained, so they stay frozen: {shown}{more}. Slice linear layers (nn.Linear, Conv1D, MoE experts) "
+                   "through target_modules, train a module in full through modules_to_save, or leave them frozen if "
+                   "that is what you want.")
     return found

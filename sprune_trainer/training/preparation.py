@@ -19,6 +19,7 @@ from ..config import DATA_IMPORTANCE_NAMES
 from ..integrations.zero3 import gathered, model_is_partitioned
 from ..io.adapter import check_adapter_fits, copy_adapter_into, read_sparse_adapter
 from ..layers.full_modules import modules_to_save
+from ..layers.linear_like import linear_shape
 from ..layers.quantization import check_zero3_quant_storage, loaded_with_bitsandbytes
 from ..layers.surgery import inject_slices, layers_to_quantize, sliced_modules
 from ..layers.targets import find_target_layers
@@ -38,7 +39,7 @@ class SlicePreparationMixin:
         cfg = self.sparse_config
         layers = find_target_layers(self.model, cfg.target_modules)
         for name, layer in layers.items():
-            layer_budget(layer.out_features if cfg.axis == "rows" else layer.in_features, cfg, name)
+            layer_budget(linear_shape(layer)[0 if cfg.axis == "rows" else 1], cfg, name)
         head_groups(self.model, layers, cfg)  # head_balanced without heads to balance: fail before scoring
         if cfg.importance in DATA_IMPORTANCE_NAMES and self.train_dataset is None:
             raise ValueError(f"importance={cfg.importance!r} scores neurons on training batches: pass train_dataset")

@@ -108,7 +108,8 @@ def warn_unscored_layers(scores: dict[str, torch.Tensor], importance: str, limit
         return []
     zero = [name for name, s in scores.items() if not s.any()]
     if zero:
-        why = ("the calibration loss never reached them (their outputs do not feed the loss, or it ignores them)"
+        why = ("the calibration loss never reached them (their outputs do not feed the loss, or it ignores them; "
+               "an MoE expert no calibration token was routed to)"
                if importance in DATA_IMPORTANCE_NAMES else "their weights are zero")
         shown = ", ".join(zero[:limit]) + (f" and {len(zero) - limit} more" if len(zero) > limit else "")
         logger.warning(f"{len(zero)} of {len(scores)} layers got all-zero {importance} scores, so their neurons are "

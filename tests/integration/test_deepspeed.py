@@ -68,3 +68,16 @@ def test_nonfinite_step_is_skipped_inside_deepspeed(tmp_path, name):
     assert run["slice_adamw"] and run["skipped_steps"] == [2]
     values = [x for v in run["deltas"].values() for row in v for x in row]
     assert all(math.isfinite(x) for x in values) and any(values)
+
+
+def test_moe_experts_train_and_resume_under_zero3(tmp_path):
+    """A Mixtral's fused experts (transformers 5.x; nn.Linear experts in 4.x), partitioned by ZeRO-3: sliced, trained,
+    saved with real values, and a resume continues to the same slices."""
+    pytest.importorskip("deepspeed")
+    config = os.path.join(ROOT, "ds_configs", "zero3.json")
+    full = _run(config, tmp_path, "moe")
+    assert full["slice_adamw"] and full["partitioned_at_load"]
+    experts = {k: v for k, v in full["deltas"].items() if ".experts." in k}
+    assert len(experts) >= 2 * 4 * 2 and all(any(x for row in v for x in row) for v in experts.values())
+    resumed = _run(config, tmp_path, "resume", "moe")
+    assert resumed["selection"] == full["selection"] and resumed["deltas"] == full["deltas"]
