@@ -26,6 +26,9 @@ Patches, each undone when its purpose is served:
   after_trainer_state_saved               wraps `TrainerState.save_to_json` on the instance while a checkpoint saves
   replace_step                            gives the Trainer's optimizer / LR scheduler a subclass with another `step`
   refuse_save_pretrained                  an instance `save_pretrained` that refuses while the model holds slices
+Private `transformers.integrations.moe` member (5.x): `_grouped_mm(input, weight, offs)`, the grouped matmul its
+  `grouped_mm` experts implementation runs (torch's kernel, or its own fallback where that cannot run), which
+  layers/grouped_experts.py runs too, so sliced experts go through the kernel the model's own experts use.
 Private TRL members: `TRL_BOOKKEEPING` (trl 1.2 .. 1.16)."""
 from __future__ import annotations
 
@@ -160,3 +163,11 @@ def _refuse_save_pretrained(*args, **kwargs):
                      "/ index keys that from_pretrained cannot read (it would re-initialise every sliced layer at "
                      "random). Save the adapter with save_sparse_adapter(model, dir), or a plain dense model with "
                      "merge_sparse(model).save_pretrained(dir).")
+
+
+def grouped_mm(input, weight, offs):
+    """transformers' grouped matmul: row block g of `input` (`offs`: cumulative block ends) times weight[g] (E, in,
+    out)."""
+    from transformers.integrations.moe import _grouped_mm
+
+    return _grouped_mm(input, weight, offs=offs)

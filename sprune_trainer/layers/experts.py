@@ -86,7 +86,12 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 def _sliced_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' eager experts loop, each projection called through this expert's child module."""
+    """transformers' eager experts loop, each projection called through this expert's child module; the grouped
+    matmul path (grouped_experts.py) where the model runs grouped_mm experts and the slices stack."""
+    from .grouped_experts import grouped_sliced_experts_forward, uses_grouped_path  # imports sliced_linear
+
+    if uses_grouped_path(self, _projections(self)):
+        return grouped_sliced_experts_forward(self, hidden_states, top_k_index, top_k_weights, _projections(self))
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
         mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # (E+1, top_k, tokens)

@@ -11,6 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from helpers import TokenDataset, dense_mask, masked_dense_training, sparse_trainer
 from sprune_trainer import SparseNeuronConfig, load_sparse_adapter, merge_sparse, save_sparse_adapter
+from sprune_trainer.layers.grouped_experts import uses_grouped_path
 from sprune_trainer.layers.linear_like import linear_shape
 from sprune_trainer.layers.surgery import inject_slices, sliced_modules
 from sprune_trainer.layers.targets import find_target_layers, routers
@@ -49,11 +50,19 @@ def _per_expert_linear_moe():
     return model
 
 
+def _eager_experts(model):
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    return model
+
+
 FAMILIES = {
     "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**SHAPE, intermediate_size=16, num_local_experts=4,
                                                         num_experts_per_tok=2)),
     "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(**SHAPE, intermediate_size=64, moe_intermediate_size=16,
                                                             num_experts=4, num_experts_per_tok=2, head_dim=8)),
+    # the same Mixtral on transformers' eager experts loop (5.x; the default is grouped_mm where it can run)
+    "mixtral_eager": lambda: _eager_experts(FAMILIES["mixtral"]()),
     "linear_experts": _per_expert_linear_moe,
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                                                       embd_pdrop=0.0, attn_pdrop=0.0)),
@@ -170,7 +179,8 @@ def _covered(model, selection, axis):
     return covered
 
 
-@pytest.mark.parametrize("family,axis", [("mixtral", "rows"), ("mixtral", "columns"), ("qwen3_moe", "rows"),
+@pytest.mark.parametrize("family,axis", [("mixtral", "rows"), ("mixtral", "columns"), ("mixtral_eager", "rows"),
+                                         ("mixtral_eager", "columns"), ("qwen3_moe", "rows"),
                                          ("linear_experts", "rows"), ("gpt2", "rows"), ("gpt2", "columns")])
 def test_trainer_steps_equal_masked_dense_training(tmp_path, family, axis):
     """Full-batch AdamW steps (batch = dataset) against the dense model with only the selected entries trainable; for
@@ -178,7 +188,8 @@ def test_trainer_steps_equal_masked_dense_training(tmp_path, family, axis):
     tenth of one lr step, as Adam divides float-order noise in near-zero gradients by their own tiny sqrt(v)."""
     data, steps = TokenDataset(n=8), 4
     starve = [False]
-    make = (lambda: _starvable(_model(family), starve)) if family == "mixtral" else (lambda: _model(family))
+    mixtral = family.startswith("mixtral")
+    make = (lambda: _starvable(_model(family), starve)) if mixtral else (lambda: _model(family))
     cfg = SparseNeuronConfig(neurons_per_layer=3, importance="l2", axis=axis)
     trainer = sparse_trainer(tmp_path, cfg, data, model=make(), per_device_train_batch_size=8, max_steps=steps)
     starving = _StarveExpert(starve)
@@ -186,8 +197,11 @@ def test_trainer_steps_equal_masked_dense_training(tmp_path, family, axis):
     trainer.train()
     selection = {n: m.index.clone() for n, m in sliced_modules(trainer.model).items()}
     assert any(".experts." in n for n in selection) or family == "gpt2"
-    if family == "mixtral":
+    if mixtral:
         fused = any(n.endswith("gate_up_proj") for n in selection)
+        experts = trainer.model.model.layers[0].mlp.experts if fused else None
+        if fused:  # the path the model asked for: grouped matmuls, or transformers' eager loop
+            assert uses_grouped_path(experts, ("gate_up_proj", "down_proj")) == (family == "mixtral")
         assert [s for s, _ in starving.grads] == [False, True, False, True]
         for starved, grads in starving.grads:
             if not starved:

@@ -1,0 +1,82 @@
+"""Sliced MoE experts on transformers' `grouped_mm` path: every expert's tokens in one grouped matmul per projection,
+as the model's own `grouped_mm` experts implementation runs them, plus the slices' updates as grouped matmuls of the
+experts' deltas stacked for the step (E x k rows: the size of the slices, not of a weight).
+
+rows:    y = grouped(x, W) then y[s, I_e(s)] += grouped(x, Δ)[s]          Δ stacked (E, k, d_in)
+columns: y = grouped(x, W) + grouped(x[s, J_e(s)], Δ)[s]                     Δ stacked (E, d_out, k)
+(s: a routed token-expert pair, e(s) its expert). Autograd splits the stacked gradient back onto each expert's slice;
+an expert no token reached gets a zero gradient, as its dense rows would. Used only when every expert of both
+projections carries a slice of one size, with no bias or dropout (experts.py's loop otherwise)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .sliced_linear import SlicedLinear
+
+
+def _slices(module: nn.Module, name: str) -> Optional[list[SlicedLinear]]:
+    """Expert e's SlicedLinear on projection `name`, for every e, when they can be stacked; else None."""
+    found = [module._modules[str(e)]._modules[name] for e in range(module.num_experts)]
+    if not all(isinstance(s, SlicedLinear) for s in found):
+        return None
+    first = found[0]
+    stackable = all(s.axis == first.axis and s.index.numel() == first.index.numel() and s.bias_delta is None
+                    and not s.merged and (s.slice_dropout is None or not s.training) for s in found)
+    return found if stackable else None
+
+
+def uses_grouped_path(module: nn.Module, projections: tuple[str, str]) -> bool:
+    """Whether the exposed experts `module` runs sliced through grouped matmuls: the model asks for transformers'
+    grouped_mm experts and every projection's slices stack."""
+    config = getattr(module, "config", None)
+    if getattr(config, "_experts_implementation", None) != "grouped_mm" or getattr(module, "_is_expert_parallel", False):
+        return False
+    return all(_slices(module, name) is not None for name in projections)
+
+
+def _project(module: nn.Module, name: str, x: torch.Tensor, expert_ids: torch.Tensor,
+             offsets: torch.Tensor) -> torch.Tensor:
+    from .._hf_internals import grouped_mm
+
+    weight = getattr(module, name)
+    base = grouped_mm(x, weight if module.is_transposed else weight.transpose(-2, -1), offsets)  # (S, d_out)
+    bias = getattr(module, f"{name}_bias", None) if module.has_bias else None
+    if bias is not None:
+        base = base + bias[expert_ids]
+    slices = _slices(module, name)
+    dt = base.dtype
+    index = torch.stack([s.index for s in slices])[expert_ids]  # (S, k): each pair's expert's neurons
+    k = index.shape[1]
+    pad = -k % max(1, 16 // dt.itemsize)  # grouped matmul kernels want 16-byte strides: k padded with zeros
+    delta = torch.stack([s.delta for s in slices]).to(dt)  # (E, k, d_in) rows / (E, d_out, k) columns
+    if slices[0].axis == "rows":
+        delta = nn.functional.pad(delta, (0, 0, 0, pad))
+        update = grouped_mm(x.to(dt), delta.transpose(-2, -1), offsets)  # (S, k + pad)
+        return base.scatter_add(1, index, update[:, :k])
+    picked = nn.functional.pad(x.to(dt).gather(1, index), (0, pad))  # (S, k + pad)
+    return base + grouped_mm(picked, nn.functional.pad(delta, (0, pad)).transpose(-2, -1), offsets)  # (S, d_out)
+
+
+def grouped_sliced_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                   top_k_weights: torch.Tensor, projections: tuple[str, str]) -> torch.Tensor:
+    """transformers' grouped_mm experts forward (no expert parallelism), each projection with its slices added."""
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.shape
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    x = hidden_states[perm // num_top_k]
+    weights = top_k_weights.reshape(-1)[perm]
+    counts = torch.bincount(expert_ids, minlength=module.num_experts)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    up, down = projections
+    h = _project(module, up, x, expert_ids, offsets)
+    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    h = _project(module, down, h, expert_ids, offsets)
+    if module.has_post_expert_norm:
+        h = module.post_expert_norm(h)
+    h = h * weights.unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return h[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
