@@ -292,6 +292,9 @@ def main(argv=None):
     if args.worker:
         worker(args.worker)
         return
+    import torch
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run on the GPU machine, or use --smoke for the CPU check")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.slices_dir, exist_ok=True)
     path = os.path.join(args.out, "results.json")
