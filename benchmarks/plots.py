@@ -119,6 +119,7 @@ def plot_user_stack(rows: list[dict], path: str) -> bool:
                         ax.text(x, value / scale, f"{row[ratio]:.2f}x", rotation=90, ha="center", va="bottom",
                                 fontsize=7)
             ax.set_xticks(range(len(switches)))
+            ax.set_xlim(-0.6, len(switches) - 0.4)
             ax.set_xticklabels(switches, rotation=20, ha="right", fontsize=8)
             name = f"{model} ({layers} layers)" if layers else model
             ax.set_title(f"{name}, batch {b} x seq {t}: {title} (ours' label: x LoRA)", fontsize=9)
