@@ -31,18 +31,22 @@ SHAPES: dict[str, dict] = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def llama_config(name: str):
+def llama_config(name: str, layers: int | None = None):
+    """`name`'s LlamaConfig; `layers` decoder layers instead of the checkpoint's own count (a shorter model)."""
     from transformers import LlamaConfig
-    return LlamaConfig(**SHAPES[name], max_position_embeddings=8192, use_cache=False,
+    fields = {**SHAPES[name], **({"num_hidden_layers": layers} if layers else {})}
+    return LlamaConfig(**fields, max_position_embeddings=8192, use_cache=False,
                        attention_dropout=0.0, mlp_bias=False, attention_bias=False)
 
 
-def build_model(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16):
-    """(model, info): a random-init `LlamaForCausalLM` of shape `name`, allocated and initialised on `device`."""
+def build_model(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, layers: int | None = None):
+    """(model, info): a random-init `LlamaForCausalLM` of shape `name` (`layers` decoder layers if given), allocated
+    and initialised on `device`."""
     from transformers import AutoModelForCausalLM
     t0 = time.perf_counter()
+    config = llama_config(name, layers)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(llama_config(name), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.train()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -53,8 +57,23 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype = torch.bflo
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         **SHAPES[name],
+        "num_hidden_layers": config.num_hidden_layers,
     }
     return model, info
+
+
+def quantize_targets(model) -> int:
+    """Replace each targeted projection by a frozen bitsandbytes NF4 `Linear4bit` in place (blocksize 64, compute
+    bf16, uint8 storage: QLoRA's setup); returns how many were replaced."""
+    from sprune_trainer.layers.quantization import quantize_4bit
+    from sprune_trainer.layers.targets import find_target_layers
+    layers = find_target_layers(model, TARGETS)
+    for name, layer in layers.items():
+        q = quantize_4bit(layer.weight.data, layer.bias, "nf4", compute_dtype=torch.bfloat16,
+                          quant_storage=torch.uint8)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+    return len(layers)
 
 
 def random_batch(vocab: int, batch: int, seq: int, device: torch.device, seed: int = 0) -> dict:

