@@ -27,6 +27,20 @@ SHAPES: dict[str, dict] = {
                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False, rope_theta=10000.0),
 }
 
+# name -> Qwen3MoeConfig fields: mixture-of-experts shapes (Qwen3-30B-A3B's config.json; fewer layers with --layers)
+MOE_SHAPES: dict[str, dict] = {
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936, tie_word_embeddings=False,
+                          rope_theta=1000000.0),
+    # --smoke: CPU-sized
+    "tiny-moe": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                     norm_topk_prob=True, vocab_size=1024, tie_word_embeddings=False, rope_theta=10000.0),
+}
+# the fused expert parameters PEFT's LoRA targets on an MoE shape (LoraConfig.target_parameters)
+MOE_EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
 # the seven projections every adapter method is applied to (never lm_head / embeddings / norms)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -39,12 +53,20 @@ def llama_config(name: str, layers: int | None = None):
                        attention_dropout=0.0, mlp_bias=False, attention_bias=False)
 
 
+def moe_config(name: str, layers: int | None = None):
+    """`name`'s Qwen3MoeConfig (no router auxiliary loss); `layers` decoder layers instead of its own count."""
+    from transformers import Qwen3MoeConfig
+    fields = {**MOE_SHAPES[name], **({"num_hidden_layers": layers} if layers else {})}
+    return Qwen3MoeConfig(**fields, max_position_embeddings=8192, use_cache=False, attention_dropout=0.0,
+                          output_router_logits=False)
+
+
 def build_model(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, layers: int | None = None):
-    """(model, info): a random-init `LlamaForCausalLM` of shape `name` (`layers` decoder layers if given), allocated
-    and initialised on `device`."""
+    """(model, info): a random-init `LlamaForCausalLM` (a `Qwen3MoeForCausalLM` for a MOE_SHAPES name) of shape `name`
+    (`layers` decoder layers if given), allocated and initialised on `device`."""
     from transformers import AutoModelForCausalLM
     t0 = time.perf_counter()
-    config = llama_config(name, layers)
+    config = moe_config(name, layers) if name in MOE_SHAPES else llama_config(name, layers)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.train()
@@ -56,8 +78,9 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype = torch.bflo
         "build_s": time.perf_counter() - t0,
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        **SHAPES[name],
+        **(MOE_SHAPES[name] if name in MOE_SHAPES else SHAPES[name]),
         "num_hidden_layers": config.num_hidden_layers,
+        "experts_implementation": getattr(config, "_experts_implementation", None),
     }
     return model, info
 

