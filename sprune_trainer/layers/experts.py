@@ -72,6 +72,17 @@ def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))
 
 
+def activate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The experts' activation between their projections: the module's own gate (act(gate) * up on [gate; up]), or
+    its activation alone without a gate."""
+    if not module.has_gate:
+        return module.act_fn(h)
+    if hasattr(module, "_apply_gate"):
+        return module._apply_gate(h)
+    gate, up = h.chunk(2, dim=-1)  # (transformers < 5.2x: the default gate, inline)
+    return module.act_fn(gate) * up
+
+
 def _projections(module: nn.Module) -> tuple[str, str]:
     return ("gate_up_proj" if module.has_gate else "up_proj"), "down_proj"
 
@@ -103,9 +114,9 @@ def _sliced_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
         expert = self._modules[str(e)]
         top_k_pos, token_idx = torch.where(mask[e])
         h = getattr(expert, up_name)(hidden_states[token_idx])
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = activate(self, h)
         h = getattr(expert, down_name)(h)
-        if self.has_post_expert_norm:
+        if getattr(self, "has_post_expert_norm", False):  # (transformers < 5.2x: no such flag)
             h = self.post_expert_norm(h)
         h = h * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, h.to(final.dtype))

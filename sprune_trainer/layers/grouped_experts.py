@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .experts import activate
 from .sliced_linear import SlicedLinear
 
 
@@ -72,9 +73,9 @@ def grouped_sliced_experts_forward(module: nn.Module, hidden_states: torch.Tenso
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     up, down = projections
     h = _project(module, up, x, expert_ids, offsets)
-    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    h = activate(module, h)
     h = _project(module, down, h, expert_ids, offsets)
-    if module.has_post_expert_norm:
+    if getattr(module, "has_post_expert_norm", False):  # (transformers < 5.2x: no such flag)
         h = module.post_expert_norm(h)
     h = h * weights.unsqueeze(-1)
     inverse = torch.empty_like(perm)
