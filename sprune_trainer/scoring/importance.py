@@ -332,7 +332,8 @@ class GradientImportance(Importance):
                     if not self.linear_in_grad and received[name] == calls.get(name, 0):
                         flush(name)
 
-                return _Tap.apply(output, args[0], on_grad, self.uses_input, self.uses_output)
+                x = args[0] if args else None
+                return _Tap.apply(output, x, on_grad, self.uses_input, self.uses_output)
             return forward_hook
 
         n_batches = 0
