@@ -56,18 +56,11 @@ def is_oom(exc: BaseException) -> bool:
 
 def set_checkpointing(model: nn.Module, on: bool) -> None:
     """HF activation (gradient) checkpointing, non-reentrant; works on transformers 4.57 - 5.x names."""
+    from sprune_trainer import _hf_internals as hf
     if on:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    elif (model.is_activation_checkpointing if hasattr(type(model), "is_activation_checkpointing")
-          else model.is_gradient_checkpointing):
-        if hasattr(model, "activation_checkpointing_disable"):
-            model.activation_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_disable()
+        hf.enable_checkpointing(model, {"use_reentrant": False})
+    elif hf.model_checkpoints(model):
+        hf.disable_checkpointing(model)
 
 
 def set_input_grads(model: nn.Module, on: bool) -> None:

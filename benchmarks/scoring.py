@@ -24,11 +24,22 @@ COMMONSENSE_EXAMPLES = 170_420
 TOKENS_PER_EXAMPLE = 128
 
 
-def _stamped(batches, device, stamps):
+def stamped(batches, device, stamps):
+    """`batches`, appending the (synchronised) time each one is taken to `stamps`."""
     for b in batches:
         sync(device)
         stamps.append(time.perf_counter())
         yield b
+
+
+def extrapolated(t0: float, stamps: list[float], end: float, target_batches: int) -> dict:
+    """A run from t0 to end that took a batch at each of `stamps`, extrapolated to `target_batches` (module doc)."""
+    # intervals[i] = batch i; the last one also holds the finish (a few ms of per-layer reductions)
+    intervals = [b2 - b1 for b1, b2 in zip(stamps, stamps[1:])] + [end - stamps[-1]]
+    steady = statistics.median(intervals[1:]) if len(intervals) > 1 else intervals[0]
+    return dict(batches_measured=len(stamps), setup_s=stamps[0] - t0, first_batch_s=intervals[0],
+                per_batch_s=steady, target_batches=target_batches,
+                seconds_extrapolated=(stamps[0] - t0) + intervals[0] + (target_batches - 1) * steady)
 
 
 # benchmark names of criterion variants -> SparseNeuronConfig fields
@@ -63,7 +74,7 @@ def measure_scoring(model: nn.Module, criterion: str, batches: list[dict], targe
     stamps: list[float] = []
     t0 = time.perf_counter()
     try:
-        score_neurons(model, layers, cfg, batches=_stamped(batches, device, stamps), progress=False)
+        score_neurons(model, layers, cfg, batches=stamped(batches, device, stamps), progress=False)
         sync(device)
     except Exception as exc:  # noqa: BLE001
         from .measure import is_oom
@@ -79,12 +90,7 @@ def measure_scoring(model: nn.Module, criterion: str, batches: list[dict], targe
     if not stamps:  # weight-only criterion
         row.update(batches_measured=0, seconds_extrapolated=end - t0, target_batches=0)
         return row
-    # intervals[i] = batch i; the last one also holds the finish (a few ms of per-layer reductions)
-    intervals = [b2 - b1 for b1, b2 in zip(stamps, stamps[1:])] + [end - stamps[-1]]
-    steady = statistics.median(intervals[1:]) if len(intervals) > 1 else intervals[0]
-    row.update(batches_measured=len(stamps), setup_s=stamps[0] - t0, first_batch_s=intervals[0],
-               per_batch_s=steady, target_batches=target_batches,
-               seconds_extrapolated=(stamps[0] - t0) + intervals[0] + (target_batches - 1) * steady)
+    row.update(extrapolated(t0, stamps, end, target_batches))
     return row
 
 

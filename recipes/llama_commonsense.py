@@ -75,6 +75,7 @@ from sprune_trainer.config import (AXES, IMPORTANCE_NAMES, OPTIMIZER_STATES, QUA
 # would be a third of SmolLM2's 192-row k/v projections; 16 keeps the CPU default at ~1.7% of its weights.
 # On 7B-scale models pass --neurons_per_layer 64 (the paper's setting).
 DEFAULT_NEURONS_PER_LAYER = 16
+WORD_OR_NUMBER = ("calibration_micro_batch_size",)  # fields that take 'auto' or an integer
 SPARSE_CHOICES = {"importance": IMPORTANCE_NAMES, "scope": SCOPES, "axis": AXES, "slice_dtype": SLICE_DTYPES,
                   "optimizer_state": OPTIMIZER_STATES, "quantize_base": QUANTIZE_BASES}
 
@@ -170,7 +171,10 @@ def _sparse_arguments_class():
             kw["default"] = f.default
         else:
             kw["default_factory"] = f.default_factory
-        specs.append((name, hints[f.name], field(**kw)))
+        hint = hints[f.name]
+        if f.name in WORD_OR_NUMBER:
+            hint = str  # to_sparse_config turns a number back into an int
+        specs.append((name, hint, field(**kw)))
     return dataclasses.make_dataclass("SparseArguments", specs)
 
 
@@ -179,6 +183,9 @@ SparseArguments = _sparse_arguments_class()
 
 def to_sparse_config(sparse_args) -> SparseNeuronConfig:
     d = dataclasses.asdict(sparse_args)
+    for name in WORD_OR_NUMBER:
+        if isinstance(d[name], str) and d[name].isdigit():
+            d[name] = int(d[name])
     d["seed"] = d.pop("sparse_seed")
     if d["neurons_per_layer"] is None and d["ratio"] is None:
         d["neurons_per_layer"] = DEFAULT_NEURONS_PER_LAYER

@@ -20,6 +20,13 @@ Private `Trainer` members called (through the functions below):
   _prepare_inputs(batch)                                  calibration batches on the device, as training's
   _get_output_dir(trial)                                  where `_save_checkpoint` writes `checkpoint-N/`
 
+What `Trainer.train` does that scoring, which runs before it, repeats the same way:
+  activation (gradient) checkpointing         `checkpointing_as_in_training`: 5.2x `args.activation_checkpointing`
+                                              (+ `_kwargs`, with `every_n_layers` / `offload` taken out) through
+                                              `activation_checkpointing_enable`; 4.57 `args.gradient_checkpointing`
+                                              (+ `_kwargs`) through `gradient_checkpointing_enable`. Unset
+                                              use_reentrant is each version's default (4.57 True, 5.2x False).
+
 Patches, each undone when its purpose is served:
   quantized_base_accepted                 sets `model._hf_peft_config_loaded` while `Trainer.__init__` runs
   deepspeed_resume_without_frozen_weights replaces `transformers.trainer.deepspeed_load_checkpoint` while resuming
@@ -68,6 +75,52 @@ def prepare_inputs(trainer, batch):
 def checkpoint_folder(trainer, trial) -> str:
     """The `checkpoint-N` folder `Trainer._save_checkpoint` is about to write for the current step."""
     return os.path.join(trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+
+
+# ---- what Trainer.train does, done earlier ------------------------------------------------------------------
+def trainer_checkpoints(args) -> bool:
+    """Whether Trainer.train turns activation checkpointing on (`gradient_checkpointing` is 5.2x's alias)."""
+    return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False))
+
+
+def model_checkpoints(model) -> bool:
+    """Whether some module of `model` checkpoints (the flag transformers' enable/disable set, in 4.57 and 5.x)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def enable_checkpointing(model, kwargs) -> None:
+    """Turn checkpointing on as Trainer.train does with these `activation_checkpointing_kwargs` (5.2x) /
+    `gradient_checkpointing_kwargs` (4.57), None included."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        kwargs = dict(kwargs or {})
+        every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None,
+                                              every_n_layers=every_n_layers, offload=offload)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+@contextlib.contextmanager
+def checkpointing_as_in_training(model, args):
+    """Inside the block `model` checkpoints as Trainer.train will make it (same kwargs: use_reentrant and the
+    rest), and afterwards is as it was. Nothing changes when `args` do not ask for checkpointing or the model
+    checkpoints already (with the user's own settings)."""
+    if not trainer_checkpoints(args) or model_checkpoints(model):
+        yield
+        return
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None)
+    enable_checkpointing(model, kwargs if kwargs is not None else getattr(args, "gradient_checkpointing_kwargs", None))
+    try:
+        yield
+    finally:
+        disable_checkpointing(model)
 
 
 # ---- patches ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 IMPORTANCE_NAMES = ("random", "l1", "l2", "taylor", "hessian", "zeroth_order", "wanda")
 DATA_IMPORTANCE_NAMES = ("taylor", "hessian", "zeroth_order", "wanda")  # those that score on calibration batches
@@ -19,6 +19,7 @@ AXES = ("rows", "columns")
 SLICE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 OPTIMIZER_STATES = ("float32", "bfloat16", "int8")
 QUANTIZE_BASES = ("nf4", "fp4")
+CALIBRATION_AUTO = "auto"  # calibration_micro_batch_size chosen per run (scoring/micro_batch.py)
 
 
 def dtype_name(dtype) -> str:
@@ -92,15 +93,20 @@ class SparseNeuronConfig:
         metadata={"help": "Train-dataloader batches used by taylor / hessian / zeroth_order / wanda scoring (all "
                           "the data has, with a warning, when it has fewer)."}
     )
-    calibration_micro_batch_size: int = field(
-        default=1,
-        metadata={"help": "Sequences per forward/backward while scoring a calibration batch (0 = the whole batch). "
-                          "taylor, zeroth_order and wanda sum over tokens, so they score the same at any size (each "
-                          "part weighted by its share of the label tokens: loss = mean over labels != -100, as Hugging "
-                          "Face computes it) and only the memory peak changes: one part's activations instead of the "
-                          "batch's. hessian and taylor_form='elementwise' square / take |.| of each "
-                          "part's gradient, so for them the part is the unit of the estimate (1 = per sequence, as the "
-                          "paper code's per-sample Fisher). A loss_fn that is not such a mean wants 0."},
+    calibration_micro_batch_size: Union[str, int] = field(
+        default="auto",
+        metadata={"help": "Sequences per forward/backward while scoring a calibration batch: 'auto', a number, or 0 "
+                          "(the whole batch). taylor, zeroth_order and wanda sum over tokens, so they score the same "
+                          "at any size (each part weighted by its share of the label tokens: loss = mean over labels "
+                          "!= -100, as Hugging Face computes it) and only memory and speed change; for them 'auto' "
+                          "scores the first sequence alone on a CUDA device, then parts as large as 80% of the memory "
+                          "available before it allows at its peak per token, never more than the batch (a Trainer's "
+                          "calibration batch is a training micro-batch); on other devices the whole batch. hessian "
+                          "and taylor_form='elementwise' square / take |.| of each part's gradient, so for them the "
+                          "part is the unit of the estimate: 'auto' = 1 (per sequence, as the paper code's per-sample "
+                          "Fisher), and a number changes the estimate. A loss_fn that is not such a mean wants 0. "
+                          "When the Trainer trains with gradient (activation) checkpointing, taylor and hessian score "
+                          "under the same checkpointing."},
     )
     taylor_form: str = field(
         default="multivariable",
@@ -237,8 +243,8 @@ class SparseNeuronConfig:
     def _validate_scoring_options(self) -> None:
         """The calibration, criterion and slice options (validate() checks the others)."""
         micro = self.calibration_micro_batch_size
-        if not (_is_int(micro) and micro >= 0):
-            raise ValueError(f"calibration_micro_batch_size must be an integer >= 0 (0 = whole batches), "
+        if not ((_is_int(micro) and micro >= 0) or micro == CALIBRATION_AUTO):
+            raise ValueError(f"calibration_micro_batch_size must be 'auto' or an integer >= 0 (0 = whole batches), "
                              f"got {micro!r}.")
         if self.taylor_form not in TAYLOR_FORMS:
             raise ValueError(f"Unknown taylor_form {self.taylor_form!r}; choose one of {TAYLOR_FORMS}.")

@@ -15,11 +15,18 @@ import torch
 IGNORE_INDEX = -100
 
 
-def _batch_size(batch: dict) -> Optional[int]:
+def batch_rows(batch: dict) -> Optional[int]:
+    """The batch size: the first dimension of `input_ids` (else of the first tensor with one); None if none has."""
+    lead = lead_tensor(batch)
+    return None if lead is None else lead.shape[0]
+
+
+def lead_tensor(batch: dict) -> Optional[torch.Tensor]:
+    """The tensor that defines the batch's rows: `input_ids`, else the first tensor with a dimension."""
     lead = batch.get("input_ids")
-    if not torch.is_tensor(lead):
+    if not torch.is_tensor(lead) or lead.dim() == 0:
         lead = next((v for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), None)
-    return None if lead is None or lead.dim() == 0 else lead.shape[0]
+    return lead
 
 
 def loss_terms_per_row(batch: dict, rows: int) -> torch.Tensor:
@@ -33,31 +40,39 @@ def loss_terms_per_row(batch: dict, rows: int) -> torch.Tensor:
     return torch.full((rows,), float(labels[0].numel()), dtype=torch.float64)
 
 
+def rows_part(batch: dict, lo: int, hi: int) -> dict:
+    """Rows lo:hi of the batch: tensors whose first dimension is the batch size are sliced (views, no copy);
+    everything else is passed to every part unchanged."""
+    rows = batch_rows(batch)
+    return {k: v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v for k, v in batch.items()}
+
+
 def split_rows(batch: dict, size: int) -> list[dict]:
-    """Parts of at most `size` rows (`size` <= 0, or >= the batch: the batch itself). Tensors whose first dimension
-    is the batch size are sliced (views, no copy); everything else is passed to every part unchanged."""
-    rows = _batch_size(batch)
+    """Parts of at most `size` rows (`size` <= 0, or >= the batch: the batch itself)."""
+    rows = batch_rows(batch)
     if size <= 0 or rows is None or rows <= size:
         return [batch]
-    return [{k: v[lo:lo + size] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v
-             for k, v in batch.items()} for lo in range(0, rows, size)]
+    return [rows_part(batch, lo, lo + size) for lo in range(0, rows, size)]
 
 
 def micro_batches(batch: dict, size: int) -> list[tuple[dict, float]]:
     """[(part, weight)] from `split_rows`, weight = the part's loss terms / the batch's, so sum_m weight_m *
     loss(part_m) is the batch's loss. Parts without any loss term (all labels ignored) are left out; a batch
     without any keeps its single part (it is scored as it would be unsplit)."""
-    parts = split_rows(batch, size)
-    if len(parts) == 1:
+    rows = batch_rows(batch)
+    shares = row_shares(batch)
+    if size <= 0 or rows is None or rows <= size or shares is None:
         return [(batch, 1.0)]
-    rows = _batch_size(batch)
+    return [(rows_part(batch, lo, lo + size), w) for lo in range(0, rows, size)
+            if (w := float(shares[lo:lo + size].sum())) > 0.0]
+
+
+def row_shares(batch: dict) -> Optional[torch.Tensor]:
+    """(rows,) float64: each row's share of the batch's loss terms (a part's weight is the sum over its rows); None
+    when the batch has no rows or no loss term (it cannot be weighted: it is scored whole)."""
+    rows = batch_rows(batch)
+    if rows is None:
+        return None
     terms = loss_terms_per_row(batch, rows)
     total = float(terms.sum())
-    if total == 0.0:
-        return [(batch, 1.0)]
-    out = []
-    for i, part in enumerate(parts):
-        n = float(terms[i * size:(i + 1) * size].sum())
-        if n > 0.0:
-            out.append((part, n / total))
-    return out
+    return None if total == 0.0 else terms / total

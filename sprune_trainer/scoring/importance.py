@@ -14,18 +14,20 @@ one `score` method (Torch-Pruning's `Importance` shape), looked up by name in `I
 "Row i" is output neuron i of W (d_out, d_in); with `config.axis == "columns"` every criterion is the same
 with W transposed (score of input feature j sums over rows i).
 
-Each calibration batch runs in parts of `config.calibration_micro_batch_size` sequences (`calibration.py`), each
-part's loss weighted by its share of the batch's label tokens: the criteria linear in the gradient (taylor,
-zeroth_order) and wanda get exactly the whole-batch score, at the memory peak of one part. hessian and the
-elementwise taylor square / take |.| of a gradient, which needs the whole weight gradient of the unit they score:
-keeping it for every layer across parts would cost a model-sized fp32 buffer, so their unit is the part.
+Each calibration batch runs in parts of `config.calibration_micro_batch_size` sequences ('auto': as many as memory
+allows, `micro_batch.py`; `calibration.py`), each part's loss weighted by its share of the batch's label tokens: the
+criteria linear in the gradient (taylor, zeroth_order) and wanda get exactly the whole-batch score, at the memory
+peak of one part. hessian and the elementwise taylor square / take |.| of a gradient, which needs the whole weight
+gradient of the unit they score: keeping it for every layer across parts would cost a model-sized fp32 buffer, so
+their unit is the part.
 
-Data-driven criteria never compute weight gradients: every parameter is frozen for the duration, the
-input-embedding output is made to require grad, and the per-layer quantities come from forward hooks
-(layer input x, output y) and tensor hooks on y (g = dL/dy). So they work unchanged on a frozen, quantized
-(bitsandbytes) base; weights are read through `dense_weight` (dequantized / ZeRO-3 gathered) only where a
-criterion needs them. Model state (requires_grad flags, train/eval modes, global RNG, hooks) is restored
-afterwards, also on error.
+Data-driven criteria never compute weight gradients: every parameter is frozen for the duration, the input-embedding
+output is made to require grad, and the per-layer quantities come from forward hooks (layer input x, output y) and
+an identity autograd function on y whose backward sees g = dL/dy (`_Tap`; under activation checkpointing x and y are
+then recomputed with their block, as the model's own activations are). So they work unchanged on a frozen, quantized
+(bitsandbytes) base; weights are read through `dense_weight` (dequantized / ZeRO-3 gathered) only where a criterion
+needs them. Model state (requires_grad flags, train/eval modes, global RNG, hooks) is restored afterwards, also on
+error.
 
 Distributed note: scores are computed from this process's batches only; under DDP/ZeRO the caller must make
 the selection identical on every rank (all-reduce the scores, or broadcast rank 0's selection).
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import micro_batches, split_rows
+from .micro_batch import MicroBatchPlan
 from ..config import SparseNeuronConfig
 from ..layers.linear_like import linear_shape, source_parameters
 from ..layers.quantization import dequantize_weight
@@ -143,7 +145,9 @@ def _no_loss_error(criterion: str) -> ValueError:
 def _scoring_mode(model: nn.Module, layers: dict[str, nn.Module], need_input_grad: bool):
     """Eval mode, forked global RNG and, if `need_input_grad`, frozen parameters with grad-requiring inputs.
 
-    Gradients then reach every layer output without any parameter gradient being computed or stored.
+    Gradients then reach every layer output without any parameter gradient being computed or stored. With
+    `need_input_grad`, modules with activation checkpointing on (`gradient_checkpointing`, as transformers sets it)
+    stay in training mode, the condition under which they checkpoint (dropout modules inside them stay in eval).
     Everything (modes, flags, RNG, hooks) is restored on exit, also on error."""
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
@@ -158,6 +162,9 @@ def _scoring_mode(model: nn.Module, layers: dict[str, nn.Module], need_input_gra
         with rng:
             model.eval()
             if need_input_grad:
+                for m in model.modules():
+                    if getattr(m, "gradient_checkpointing", False) is True:
+                        m.training = True
                 for p in params:
                     p.requires_grad_(False)
                 emb = None
@@ -205,6 +212,7 @@ class Importance:
     d_in for columns). `needs_data` criteria consume calibration batches."""
 
     needs_data = False
+    exact_in_parts = True  # scores the same whatever parts a batch is split into (calibration_micro_batch_size)
 
     def __init__(self, config: SparseNeuronConfig):
         self.config = config
@@ -246,23 +254,51 @@ class L2Importance(NormImportance):
     p = 2.0
 
 
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output y whose backward hands (x, y, dL/dy) to `on_grad`.
+
+    x and y are kept with save_for_backward, so they live exactly as the model's own saved activations do: freed by
+    the backward that uses them, and under activation checkpointing dropped after the forward and recomputed with
+    their block in backward (non-reentrant checkpointing), or not kept at all by the block's no-grad forward
+    (reentrant). `keep_x` / `keep_y`: only what the criterion needs is kept."""
+
+    @staticmethod
+    def forward(ctx, y, x, on_grad, keep_x, keep_y):
+        ctx.on_grad = on_grad
+        ctx.save_for_backward(x if keep_x else None, y if keep_y else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        ctx.on_grad(x, y, g)
+        return g, None, None, None, None
+
+
 class GradientImportance(Importance):
     """Shared loop of the backward-hook criteria.
 
     Per part, every call of a layer contributes `batch_term(layer, x, y, g)` (x: (tokens, d_in) input,
     y: (tokens, d_out) output, g = dL/dy (tokens, d_out), all in the model's dtype; x / y are None unless
-    `uses_input` / `uses_output`, so only what a criterion needs is kept until backward, and each call lets go of
-    it as soon as its own gradient has arrived). The terms are summed (a layer used several times per forward gets
-    its full weight gradient) and `finish(layer, total)` turns the sum into a non-negative score increment:
-    over the whole batch when `linear_in_grad` (the term is linear in g, so the parts' weighted terms add up to
-    the batch's), else per part, as soon as the grads of all its calls have arrived, so a large per-layer term
-    (a d_out x d_in gradient) lives for one layer at a time."""
+    `uses_input` / `uses_output`, so only what a criterion needs is kept until backward, see `_Tap`). The terms
+    are summed (a layer used several times per forward gets its full weight gradient) and `finish(layer, total)`
+    turns the sum into a non-negative score increment: over the whole batch when `linear_in_grad` (the term is
+    linear in g, so the parts' weighted terms add up to the batch's), else per part, as soon as the grads of all its
+    calls have arrived, so a large per-layer term (a d_out x d_in gradient) lives for one layer at a time.
+
+    Calls are counted in the forward only: a checkpointed block's recompute in backward calls its layers again,
+    and either those calls (reentrant checkpointing, whose forward ran without grad) or the forward's (non-reentrant)
+    get the gradients, never both."""
 
     needs_data = True
     name = "gradient"
     uses_input = True
     uses_output = False
     linear_in_grad = False
+
+    @property
+    def exact_in_parts(self) -> bool:
+        return self.linear_in_grad
 
     def batch_term(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -273,8 +309,9 @@ class GradientImportance(Importance):
     def score(self, model, layers, batches, loss_fn, progress):
         scores: dict[str, torch.Tensor] = {}
         pending: dict[str, torch.Tensor] = {}  # summed batch_term of layers not finished yet
-        calls: dict[str, int] = {}  # forward calls this part whose output requires grad
+        calls: dict[str, int] = {}  # forward calls this part
         received: dict[str, int] = {}  # grads received this part
+        in_backward = [False]
 
         def flush(name):
             inc = self.finish(layers[name], pending.pop(name))
@@ -282,32 +319,38 @@ class GradientImportance(Importance):
 
         def make_forward_hook(name):
             def forward_hook(module, args, output):
+                if not in_backward[0]:
+                    calls[name] = calls.get(name, 0) + 1
                 if not (torch.is_tensor(output) and output.requires_grad):
-                    return
-                calls[name] = calls.get(name, 0) + 1
-                kept = [_as_2d(args[0]) if self.uses_input else None, _as_2d(output) if self.uses_output else None]
+                    return None
 
-                def grad_hook(g):
-                    x, y = kept
-                    kept.clear()  # the graph may outlive this backward; these tensors must not
-                    term = self.batch_term(module, x, y, _as_2d(g))
+                def on_grad(x, y, g):
+                    term = self.batch_term(module, _as_2d(x), _as_2d(y), _as_2d(g))
                     pending[name] = pending[name] + term if name in pending else term
                     received[name] = received.get(name, 0) + 1
-                    if not self.linear_in_grad and received[name] == calls[name]:
+                    if not self.linear_in_grad and received[name] == calls.get(name, 0):
                         flush(name)
 
-                output.register_hook(grad_hook)
+                x = args[0] if args else None
+                return _Tap.apply(output, x, on_grad, self.uses_input, self.uses_output)
             return forward_hook
 
         n_batches = 0
+        plan = MicroBatchPlan(self.config.calibration_micro_batch_size, self.exact_in_parts)
         with _scoring_mode(model, layers, need_input_grad=True):
             handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
             try:
                 for batch in _calibration(batches, self.config, self.name, progress):
-                    for part, weight in micro_batches(batch, self.config.calibration_micro_batch_size):
+                    for part, weight in plan.parts(batch):
                         calls.clear()
                         received.clear()
-                        _weighted_backward(loss_fn(model, part), weight, self.name)
+                        loss = loss_fn(model, part)
+                        in_backward[0] = True
+                        try:
+                            _weighted_backward(loss, weight, self.name)
+                        finally:
+                            in_backward[0] = False
+                        del loss
                         if not self.linear_in_grad:
                             for name in list(pending):  # a call whose output never reached the loss
                                 flush(name)
@@ -430,19 +473,20 @@ class ZerothOrderImportance(Importance):
             return forward_hook
 
         n_batches = 0
+        plan = MicroBatchPlan(self.config.calibration_micro_batch_size, self.exact_in_parts)
         with _scoring_mode(model, layers, need_input_grad=False), torch.no_grad():
             handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
             try:
                 for b, batch in enumerate(_calibration(batches, self.config, self.name, progress)):
-                    state["batch"] = b
-                    losses = []
-                    parts = micro_batches(batch, self.config.calibration_micro_batch_size)
-                    for sign in (1.0, -1.0):
-                        state["sign"] = sign
-                        losses.append(sum(weight * _loss_value(loss_fn(model, part), self.name)
-                                          for part, weight in parts))
+                    state["batch"], state["sign"] = b, 1.0
+                    parts, plus = [], 0.0  # the minus pass takes the plus pass's parts: the same rounding
+                    for part, weight in plan.parts(batch):
+                        parts.append((part, weight))
+                        plus += weight * _loss_value(loss_fn(model, part), self.name)
+                    state["sign"] = -1.0
+                    minus = sum(weight * _loss_value(loss_fn(model, part), self.name) for part, weight in parts)
                     state["sign"] = 0.0
-                    c = (losses[0] - losses[1]) / (2 * eps)
+                    c = (plus - minus) / (2 * eps)
                     for name, p in proj.items():
                         acc[name] = acc[name] + c * p if name in acc else c * p
                     proj.clear()
@@ -491,11 +535,12 @@ class WandaImportance(Importance):
             return forward_hook
 
         n_batches = 0
+        plan = MicroBatchPlan(self.config.calibration_micro_batch_size, self.exact_in_parts)
         with _scoring_mode(model, layers, need_input_grad=False), torch.no_grad():
             handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
             try:
                 for batch in _calibration(batches, self.config, self.name, progress):
-                    for part in split_rows(batch, self.config.calibration_micro_batch_size):
+                    for part, _ in plan.parts(batch, weighted=False):
                         mask = part.get("attention_mask")
                         state["mask"] = mask if torch.is_tensor(mask) else None
                         loss_fn(model, part)

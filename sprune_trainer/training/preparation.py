@@ -81,7 +81,7 @@ class SlicePreparationMixin:
             warn_uncovered(self.model)
         if cfg.quantize_base:
             self._check_zero3_quantized_base()  # the 4-bit layers quantize_base just made
-        if getattr(self.args, "gradient_checkpointing", False) or getattr(self.args, "activation_checkpointing", False):
+        if _hf.trainer_checkpoints(self.args):
             # the frozen embeddings give checkpointed blocks inputs without grad; slices still need a backward
             self.model.enable_input_require_grads()
         self._report_selection()
@@ -112,7 +112,10 @@ class SlicePreparationMixin:
         # ZeRO-3: a calibration forward needs whole weights, gathered once for the scoring (weight-only criteria
         # gather one layer at a time inside importance.py)
         gather = gathered(self.model.parameters()) if needs_data and partitioned else contextlib.nullcontext()
-        with gather:
+        # a run that needs checkpointing to fit in training needs it in scoring too
+        checkpointing = _hf.checkpointing_as_in_training(self.model, self.args) if needs_data else \
+            contextlib.nullcontext()
+        with gather, checkpointing:
             scores = score_neurons(self.model, layers, cfg, batches=batches, loss_fn=self._calibration_loss,
                                    progress=self.is_local_process_zero() and not self.args.disable_tqdm)
         scores = _sum_over_ranks(scores, self.args.device)

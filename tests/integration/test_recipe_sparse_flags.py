@@ -16,10 +16,11 @@ def test_new_fields_are_recipe_flags(capsys):
     assert (config.taylor_form, config.head_balanced, config.slice_dropout, config.calibration_micro_batch_size,
             config.recompute_slice_inputs) == ("elementwise", True, 0.05, 2, True)
     assert _config("--importance", "wanda").importance == "wanda"
+    assert _config("--calibration_micro_batch_size", "auto").calibration_micro_batch_size == "auto"
     default = _config()
     assert (default.importance, default.taylor_form, default.head_balanced, default.slice_dropout,
             default.calibration_micro_batch_size, default.recompute_slice_inputs) == \
-        ("l2", "multivariable", False, 0.0, 1, None)
+        ("l2", "multivariable", False, 0.0, "auto", None)
     assert default.recomputes_slice_inputs and not _config("--recompute_slice_inputs", "false").recomputes_slice_inputs
     with pytest.raises(SystemExit) as stop:  # the recipe's one-line error (exit 2) from the config's own check
         _config("--taylor_form", "bad", "--importance", "taylor")

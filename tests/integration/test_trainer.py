@@ -12,6 +12,7 @@ from helpers import slice_state as _slice_state, sparse_trainer as _trainer
 from helpers import trainer_args as _args
 from sprune_trainer import (SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, merge_sparse,
                             save_sparse_adapter)
+from sprune_trainer._hf_internals import model_checkpoints
 from sprune_trainer.layers.surgery import sliced_modules
 from sprune_trainer.optim.slice_adamw import SliceAdamW
 
@@ -73,6 +74,30 @@ def test_gradient_checkpointing_trains_the_same_slices(tmp_path, axis, reentrant
     assert a.keys() == b.keys() and all(v.abs().sum() > 0 for v in b.values())
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_scoring_checkpoints_as_training_will(tmp_path, reentrant):
+    """A run that will train with gradient checkpointing scores under the same checkpointing (each block runs again
+    in backward), picks the neurons it would pick without, and leaves the model's checkpointing off as it found it
+    (the Trainer turns it on itself when training starts)."""
+    cfg = SparseNeuronConfig(neurons_per_layer=4, importance="taylor", calibration_batches=2)
+    picks, calls = {}, {}
+    for ckpt in (False, True):
+        kw = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant}) \
+            if ckpt else {}
+        trainer = _trainer(tmp_path / str(ckpt), cfg, **kw)
+        counted = [0]
+        hook = trainer.model.model.layers[0].mlp.down_proj.register_forward_hook(
+            lambda *_: counted.__setitem__(0, counted[0] + 1))
+        trainer.prepare_sparse_model()
+        hook.remove()
+        assert not model_checkpoints(trainer.model)
+        picks[ckpt] = {n: m.index for n, m in sliced_modules(trainer.model).items()}
+        calls[ckpt] = counted[0]
+    assert calls == {False: 2, True: 4}  # two whole calibration batches (auto on the CPU), forward + recompute
+    assert picks[True].keys() == picks[False].keys()
+    assert all(torch.equal(picks[True][n], picks[False][n]) for n in picks[False])
 
 
 def test_resume_from_checkpoint_is_bit_identical(tmp_path):

@@ -29,3 +29,20 @@ def test_trainer_state_wrap_calls_back_and_is_undone(tmp_path):
     with hf.after_trainer_state_saved(state, seen.append):
         state.save_to_json(str(tmp_path / "trainer_state.json"))
     assert seen == [str(tmp_path / "trainer_state.json")] and "save_to_json" not in vars(state)
+
+
+def test_checkpointing_as_in_training_is_undone_and_leaves_the_users_own_alone():
+    from types import SimpleNamespace
+    from helpers import tiny_model
+    args = SimpleNamespace(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = tiny_model()
+    with hf.checkpointing_as_in_training(model, args):
+        assert hf.model_checkpoints(model)
+    assert not hf.model_checkpoints(model)
+    with hf.checkpointing_as_in_training(model, SimpleNamespace(gradient_checkpointing=False)):
+        assert not hf.model_checkpoints(model)
+    hf.enable_checkpointing(model, {"use_reentrant": True})  # the user's own: kept, settings and all
+    func = model.model.layers[0]._gradient_checkpointing_func
+    with hf.checkpointing_as_in_training(model, args):
+        assert model.model.layers[0]._gradient_checkpointing_func is func
+    assert hf.model_checkpoints(model)

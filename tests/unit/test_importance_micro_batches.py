@@ -112,6 +112,7 @@ def test_kept_tensors_die_with_their_layers_backward(monkeypatch):
         return original(self, layer, x, y, g)
 
     monkeypatch.setattr(importance_module.TaylorImportance, "batch_term", checking_batch_term)
-    score_neurons(model, linears(model), cfg("taylor"), padded_batches(n=1), progress=False)
+    score_neurons(model, linears(model), cfg("taylor", calibration_micro_batch_size=1), padded_batches(n=1),
+                  progress=False)
     assert len(alive_after_use) == 3 * 14  # 3 parts x 14 linears, one grad each
     assert max(alive_after_use) == 0

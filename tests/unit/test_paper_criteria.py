@@ -198,6 +198,8 @@ def test_slice_dropout_is_a_config_field_carried_by_saved_adapters(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(calibration_micro_batch_size=-1), "calibration_micro_batch_size"),
     (dict(calibration_micro_batch_size=1.5), "calibration_micro_batch_size"),
+    (dict(calibration_micro_batch_size="fast"), "calibration_micro_batch_size must be 'auto' or an integer"),
+    (dict(calibration_micro_batch_size="2"), "calibration_micro_batch_size .*'2'"),
     (dict(taylor_form="sum"), "Unknown taylor_form"),
     (dict(taylor_form="elementwise", importance="hessian"), "importance='taylor' only"),
     (dict(slice_dropout=1.0), r"slice_dropout must be a probability in \[0, 1\)"),
