@@ -302,3 +302,19 @@ def test_nonfinite_step_is_skipped_with_expert_slices(tmp_path):
     assert trainer.nonfinite.skipped_steps == [2]
     experts = [m.delta for n, m in sliced_modules(model).items() if ".experts." in n]
     assert experts and all(torch.isfinite(d).all() for d in experts) and any(d.any() for d in experts)
+
+
+def test_a_router_trains_only_through_modules_to_save(tmp_path):
+    model = _model("mixtral")
+    routers_before = {n: m.weight.detach().clone() for n, m in routers_and_gates(model).items()}
+    cfg = SparseNeuronConfig(neurons_per_layer=3, importance="l2", modules_to_save=list(routers_before))
+    sparse_trainer(tmp_path, cfg, model=model, max_steps=2).train()
+    for name, before in routers_before.items():
+        router = model.get_submodule(name)
+        assert router.weight.requires_grad and not torch.equal(router.weight, before), name
+        assert name not in sliced_modules(model)
+
+
+def routers_and_gates(model):
+    """The routing module of every MoE block (5.x: a top-k router module; 4.x: an nn.Linear `gate`)."""
+    return {n: m for n, m in model.named_modules() if n.endswith(("mlp.gate", "block_sparse_moe.gate"))}
