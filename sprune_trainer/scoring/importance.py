@@ -260,13 +260,15 @@ class _Tap(torch.autograd.Function):
     x and y are kept with save_for_backward, so they live exactly as the model's own saved activations do: freed by
     the backward that uses them, and under activation checkpointing dropped after the forward and recomputed with
     their block in backward (non-reentrant checkpointing), or not kept at all by the block's no-grad forward
-    (reentrant). `keep_x` / `keep_y`: only what the criterion needs is kept."""
+    (reentrant). `keep_x` / `keep_y`: only what the criterion needs is kept. The layer's output goes on as a copy:
+    models that add to a layer's output in place (Falcon) could not modify a tensor a custom Function returned as is.
+    """
 
     @staticmethod
     def forward(ctx, y, x, on_grad, keep_x, keep_y):
         ctx.on_grad = on_grad
         ctx.save_for_backward(x if keep_x else None, y if keep_y else None)
-        return y
+        return y.clone()
 
     @staticmethod
     def backward(ctx, g):
