@@ -99,7 +99,7 @@ class SparseNeuronConfig:
                           "(the whole batch). taylor, zeroth_order and wanda sum over tokens, so they score the same "
                           "at any size (each part weighted by its share of the label tokens: loss = mean over labels "
                           "!= -100, as Hugging Face computes it) and only memory and speed change; for them 'auto' "
-                          "scores the first sequence alone on a CUDA device, then parts as large as 80% of the memory "
+                          "scores the first sequence alone on a CUDA device, then parts as large as 80 percent of the memory "
                           "available before it allows at its peak per token, never more than the batch (a Trainer's "
                           "calibration batch is a training micro-batch); on other devices the whole batch. hessian "
                           "and taylor_form='elementwise' square / take |.| of each part's gradient, so for them the "
