@@ -247,7 +247,8 @@ def bnb_cpu_support() -> dict[str, str]:
     import bitsandbytes as bnb
     from sprune_trainer.layers.quantization import quantize_4bit, quantize_8bit
     why = {}
-    for kind, make in (("4bit", lambda w: quantize_4bit(w, None)), ("8bit", lambda w: quantize_8bit(w, None))):
+    for kind, make in (("4bit", lambda w: with_bnb_inference_kernel(quantize_4bit(w, None))),
+                       ("8bit", lambda w: quantize_8bit(w, None))):
         try:
             layer = make(torch.randn(32, 64))  # the narrowest widths the tests quantize (QUANTIZABLE_WIDTHS)
             layer(torch.randn(2, 64, requires_grad=True)).sum().backward()  # training
@@ -257,6 +258,14 @@ def bnb_cpu_support() -> dict[str, str]:
         except Exception as e:  # noqa: BLE001  (any backend failure means: skip, and say which)
             why[kind] = f"bitsandbytes {bnb.__version__} cannot run {kind} layers on this CPU: {type(e).__name__}: {e}"
     return why
+
+
+def with_bnb_inference_kernel(layer):
+    """A 4-bit layer from quantize_4bit with bitsandbytes' own CPU inference path back on (as a model loaded with a
+    BitsAndBytesConfig has it): on an AVX512-BF16 CPU its eval forward without grad repacks the codes."""
+    from bitsandbytes.functional import has_avx512bf16
+    layer.support_avx512bf16_for_cpu = has_avx512bf16()
+    return layer
 
 
 def needs_bnb(kind):
