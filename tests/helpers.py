@@ -140,11 +140,11 @@ RANDOM_CFG = SparseNeuronConfig(neurons_per_layer=4, importance="random")
 
 
 def random_selection(model, cfg=RANDOM_CFG, seed=0):
-    """name -> cfg.neurons_per_layer seeded random neurons of each target layer."""
+    """name -> cfg.neurons_per_layer seeded random neurons of each of cfg's target layers."""
     from sprune_trainer.layers.targets import find_target_layers
     g = torch.Generator().manual_seed(seed)
     sel = {}
-    for name, layer in find_target_layers(model).items():
+    for name, layer in find_target_layers(model, cfg.target_modules).items():
         n = layer.out_features if cfg.axis == "rows" else layer.in_features
         sel[name] = torch.randperm(n, generator=g)[: cfg.neurons_per_layer]
     return sel
