@@ -70,6 +70,21 @@ def test_rows_and_columns_load_in_peft_exactly(tmp_path, axis):
     _check_peft_equals(model, tiny_model, str(tmp_path))
 
 
+def test_a_bf16_base_merges_to_the_same_weights(tmp_path):
+    """fp32 slices over a bf16 base: PEFT's merge rounds W + delta once, as merge_sparse does; the logits agree to
+    bf16 rounding only (PEFT computes the LoRA branch in fp32, the slices' update runs in bf16)."""
+    def base():
+        return tiny_model(dtype=torch.bfloat16)
+
+    model = _sliced(base(), SparseNeuronConfig(neurons_per_layer=4, importance="l2"))
+    export_peft_lora(model, str(tmp_path))
+    ids = random_batches(1)[0]["input_ids"]
+    peft_model = peft.PeftModel.from_pretrained(base(), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(peft_model, ids), _logits(model.eval(), ids), rtol=0, atol=1e-2)
+    merged, reference = peft_model.merge_and_unload().state_dict(), merge_sparse(model).state_dict()
+    assert all(torch.equal(merged[key], w) for key, w in reference.items())
+
+
 def test_a_trained_model_with_a_global_budget_exports_unequal_ranks(tmp_path):
     cfg = SparseNeuronConfig(ratio=0.1, scope="global", importance="taylor", calibration_batches=2)
     trainer = sparse_trainer(tmp_path / "run", cfg, max_steps=2)
