@@ -14,6 +14,7 @@ __version__ = "0.1.0"  # before the imports: io/adapter.py records it in every a
 
 from .config import SparseNeuronConfig
 from .io.adapter import load_sparse_adapter, save_sparse_adapter
+from .io.peft_export import export_peft_lora
 from .layers.merge import merge_sparse
 from .layers.sliced_linear import SlicedLinear
 from .layers.surgery import quantize_with_sparse_correction
@@ -23,8 +24,8 @@ from .training.trainer import SparseNeuronMixin, SparseNeuronTrainer
 from .training.untrained import SlicesNotTrainingError
 
 __all__ = ["SparseNeuronConfig", "SparseNeuronMixin", "SparseNeuronTrainer", "SlicedLinear", "SliceAdamW",
-           "save_sparse_adapter", "load_sparse_adapter", "merge_sparse", "quantize_with_sparse_correction",
-           "SlicesNotTrainingError", "NonFiniteTrainingError", "NonFiniteGuardMixin"]
+           "save_sparse_adapter", "load_sparse_adapter", "export_peft_lora", "merge_sparse",
+           "quantize_with_sparse_correction", "SlicesNotTrainingError", "NonFiniteTrainingError", "NonFiniteGuardMixin"]
 
 # TRL's trainers (integrations/trl.py) only when trl is installed, imported on first use: trl is an optional extra
 _TRL_EXPORTS = ("SparseNeuronSFTTrainer", "SparseNeuronDPOTrainer", "SparseNeuronTRLMixin")

@@ -174,11 +174,11 @@ RANDOM_CFG = SparseNeuronConfig(neurons_per_layer=4, importance="random")
 
 
 def random_selection(model, cfg=RANDOM_CFG, seed=0):
-    """name -> cfg.neurons_per_layer seeded random neurons of each target layer."""
+    """name -> cfg.neurons_per_layer seeded random neurons of each of cfg's target layers."""
     from sprune_trainer.layers.targets import find_target_layers
     g = torch.Generator().manual_seed(seed)
     sel = {}
-    for name, layer in find_target_layers(model).items():
+    for name, layer in find_target_layers(model, cfg.target_modules).items():
         n = layer.out_features if cfg.axis == "rows" else layer.in_features
         sel[name] = torch.randperm(n, generator=g)[: cfg.neurons_per_layer]
     return sel
@@ -281,7 +281,8 @@ def bnb_cpu_support() -> dict[str, str]:
     import bitsandbytes as bnb
     from sprune_trainer.layers.quantization import quantize_4bit, quantize_8bit
     why = {}
-    for kind, make in (("4bit", lambda w: quantize_4bit(w, None)), ("8bit", lambda w: quantize_8bit(w, None))):
+    for kind, make in (("4bit", lambda w: with_bnb_inference_kernel(quantize_4bit(w, None))),
+                       ("8bit", lambda w: quantize_8bit(w, None))):
         try:
             layer = make(torch.randn(32, 64))  # the narrowest widths the tests quantize (QUANTIZABLE_WIDTHS)
             layer(torch.randn(2, 64, requires_grad=True)).sum().backward()  # training
@@ -291,6 +292,14 @@ def bnb_cpu_support() -> dict[str, str]:
         except Exception as e:  # noqa: BLE001  (any backend failure means: skip, and say which)
             why[kind] = f"bitsandbytes {bnb.__version__} cannot run {kind} layers on this CPU: {type(e).__name__}: {e}"
     return why
+
+
+def with_bnb_inference_kernel(layer):
+    """A 4-bit layer from quantize_4bit with bitsandbytes' own CPU inference path back on (as a model loaded with a
+    BitsAndBytesConfig has it): on an AVX512-BF16 CPU its eval forward without grad repacks the codes."""
+    from bitsandbytes.functional import has_avx512bf16
+    layer.support_avx512bf16_for_cpu = has_avx512bf16()
+    return layer
 
 
 def needs_bnb(kind):

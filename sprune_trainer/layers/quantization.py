@@ -97,7 +97,8 @@ def quantize_4bit(weight: torch.Tensor, bias: Optional[torch.Tensor], quant_type
                   quant_storage: Optional[torch.dtype] = None, blocksize: int = BLOCKSIZE) -> nn.Module:
     """A frozen `bnb.nn.Linear4bit` holding Q(weight), on weight's device; `weight` keeps its dtype as the
     dequantization dtype. compute_dtype and quant_storage default to weight's dtype (a float quant_storage is what
-    ZeRO-3 needs to partition the packed codes together with the other bf16/fp16 parameters)."""
+    ZeRO-3 needs to partition the packed codes together with the other bf16/fp16 parameters). In eval mode it computes
+    as in training (keep_training_kernel)."""
     bnb = import_bitsandbytes("4-bit quantization")
     compute_dtype = compute_dtype or weight.dtype
     quant_storage = quant_storage or weight.dtype
@@ -113,7 +114,16 @@ def quantize_4bit(weight: torch.Tensor, bias: Optional[torch.Tensor], quant_type
                                      quant_storage=quant_storage, module=layer, bnb_quantized=True)
     layer.quant_state = state
     layer.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+    keep_training_kernel(layer)
     return layer
+
+
+def keep_training_kernel(layer: nn.Module) -> None:
+    """Make a 4-bit layer's inference compute what its training computed. On an AVX512-BF16 CPU bitsandbytes' first
+    forward in eval mode without grad repacks the codes in place and from then on computes in bf16 (~2e-3 off the
+    trained logits of a tiny Llama): a reloaded adapter, whose new 4-bit layers take the fresh base's eval mode, would
+    not reproduce the model it was trained as. GPUs have no such path."""
+    layer.support_avx512bf16_for_cpu = False
 
 
 @torch.no_grad()

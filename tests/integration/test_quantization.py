@@ -3,8 +3,9 @@ reference, low-quantization-error init, merge (dense and re-quantized), the Trai
 
 bitsandbytes >= 0.45 runs quantize/dequantize, Linear4bit (nf4/fp4) and Linear8bitLt forward+backward on the CPU
 (checked with 0.50.2); where an install cannot, the probe (helpers.bnb_cpu_support) skips with the error it got.
-On an AVX512-BF16 CPU an eval forward without grad repacks the 4-bit codes for a packed bf16 kernel, which needs the
-layer widths of helpers.QUANTIZABLE_WIDTHS (the 32-wide tiny model fails there), so the 4-bit tests' models use them."""
+On an AVX512-BF16 CPU an eval forward without grad repacks the 4-bit codes of a layer transformers loaded for a packed
+bf16 kernel, which needs the layer widths of helpers.QUANTIZABLE_WIDTHS (the 32-wide tiny model fails there), so the
+4-bit tests' models use them; the layers quantize_base makes keep the training kernel (exact reloads)."""
 import sys
 import warnings
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import TokenDataset, needs_bnb, random_batches, tiny_model, tiny_quantizable_llama_config
+from helpers import (TokenDataset, needs_bnb, random_batches, tiny_model, tiny_quantizable_llama_config,
+                     with_bnb_inference_kernel)
 from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer, load_sparse_adapter, merge_sparse, save_sparse_adapter
 from sprune_trainer.layers.surgery import quantize_with_sparse_correction, sliced_modules
 from sprune_trainer.layers.quantization import (bnb_kind, check_zero3_quant_storage, dequantize_weight,
@@ -201,11 +203,15 @@ def test_trainer_quantizes_a_full_precision_model_and_the_adapter_reloads(tmp_pa
     ids = random_batches(1)[0]["input_ids"].to(device)
     # full precision in, quantized the same way, the trained slices on top
     reloaded = load_sparse_adapter(tiny_quantizable().to(device), str(tmp_path / "adapter"))
-    model.eval()
-    reloaded.eval()  # its new 4-bit layers start in training mode: now both take the same (packed) kernel
+    assert not reloaded.training and model.training  # a fresh base is in eval mode, the trained model is not
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
-    assert all(_packed(m.base_layer) == _packs_4bit(device) for m in sliced_modules(reloaded).values())
+        trained = model(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained, rtol=0, atol=0)
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, trained, rtol=0, atol=0)
+    for name, layer in sliced_modules(reloaded).items():  # the same packed codes, never repacked for inference
+        assert not _packed(layer.base_layer), name
+        assert torch.equal(layer.base_layer.weight.data.view(torch.uint8),
+                           model.get_submodule(name).base_layer.weight.data.view(torch.uint8)), name
     with pytest.raises(ValueError, match="needs the full-precision weights"):
         load_sparse_adapter(_load(saved_tiny, "4bit"), str(tmp_path / "adapter"))
 
@@ -335,7 +341,8 @@ def test_merge_after_an_eval_forward_keeps_the_weights_from_before_it(double_qua
     repacks the 4-bit codes for bitsandbytes' packed kernel; the merge must read them back in the standard layout."""
     torch.manual_seed(0)
     dense = nn.Linear(128, 64).to(device)  # in_features a multiple of 64, out_features of 32: the packed layout's
-    base = _quantized("4bit", dense.weight.detach(), dense.bias.detach(), device, double_quant=double_quant)
+    base = with_bnb_inference_kernel(_quantized("4bit", dense.weight.detach(), dense.bias.detach(), device,
+                                                double_quant=double_quant))
     before = dequantize_weight(base)
     rows = torch.tensor([1, 20, 40], device=device)
     model = nn.Sequential(SlicedLinear(base, rows)).eval()
