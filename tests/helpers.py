@@ -175,11 +175,12 @@ RANDOM_CFG = SparseNeuronConfig(neurons_per_layer=4, importance="random")
 
 def random_selection(model, cfg=RANDOM_CFG, seed=0):
     """name -> cfg.neurons_per_layer seeded random neurons of each of cfg's target layers."""
+    from sprune_trainer.layers.linear_like import linear_shape
     from sprune_trainer.layers.targets import find_target_layers
     g = torch.Generator().manual_seed(seed)
     sel = {}
     for name, layer in find_target_layers(model, cfg.target_modules).items():
-        n = layer.out_features if cfg.axis == "rows" else layer.in_features
+        n = linear_shape(layer)[0 if cfg.axis == "rows" else 1]
         sel[name] = torch.randperm(n, generator=g)[: cfg.neurons_per_layer]
     return sel
 

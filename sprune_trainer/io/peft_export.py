@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..layers.experts import ExpertLinear
 from ..layers.full_modules import PREFIX as FULL_PREFIX
+from ..layers.linear_like import is_conv1d
 from ..layers.full_modules import modules_to_save
 from ..layers.sliced_linear import SlicedLinear
 from ..layers.surgery import CONFIG_ATTR, sliced_modules
@@ -35,12 +37,18 @@ _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS
 
 def check_lora_base(name: str, layer: SlicedLinear) -> None:
     """PEFT's LoRA must wrap the slice's base as it is, with the factors above: a plain nn.Linear or a bitsandbytes
-    4-/8-bit linear (both are nn.Linear subclasses). Any other base type is refused here, naming the layer."""
+    4-/8-bit linear (both are nn.Linear subclasses), or transformers' Conv1D (PEFT's fan_in_fan_out; the factors are
+    the same). An MoE expert's projection is one matrix of a fused 3-D parameter, which PEFT adapts only as a whole
+    (target_parameters, one rank for every expert): refused here, as any other base type, naming the layer."""
     base = layer.base_layer
-    if not isinstance(base, nn.Linear):
+    if isinstance(base, ExpertLinear):
+        raise ValueError(f"cannot export {name} to PEFT LoRA: it slices one expert of the fused MoE parameter "
+                         f"{base.param_name}, and this export does not write PEFT's target_parameters form yet. Merge "
+                         "with merge_sparse() and serve the dense model, or leave the experts out of target_modules.")
+    if not (isinstance(base, nn.Linear) or is_conv1d(base)):
         raise ValueError(f"cannot export {name} to PEFT LoRA: its slice sits on a {type(base).__name__}; the export "
-                         "knows nn.Linear and bitsandbytes Linear4bit / Linear8bitLt bases. Merge with "
-                         "merge_sparse() and serve the dense model instead.")
+                         "knows nn.Linear, bitsandbytes Linear4bit / Linear8bitLt and transformers' Conv1D bases. "
+                         "Merge with merge_sparse() and serve the dense model instead.")
 
 
 def one_hot(index: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -80,10 +88,11 @@ def peft_lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     out.update({KEY_PREFIX + k.removeprefix(FULL_PREFIX): t for k, t in tensors.items() if k.startswith(FULL_PREFIX)})
     if lora_bias:
         _warn_unmergeable_bias(layers)
-    return out, _lora_config(model, meta, lora_bias)
+    conv1d = any(is_conv1d(layer.base_layer) for layer in layers.values())
+    return out, _lora_config(model, meta, lora_bias, conv1d)
 
 
-def _lora_config(model: nn.Module, meta: dict, lora_bias: bool) -> dict:
+def _lora_config(model: nn.Module, meta: dict, lora_bias: bool, conv1d: bool) -> dict:
     ranks = {name: m["k"] for name, m in meta.items()}
     r = max(ranks.values())  # what LoRA servers check against their maximum rank (vLLM: max_lora_rank)
     pattern = {name: k for name, k in sorted(ranks.items()) if k != r}
@@ -93,7 +102,7 @@ def _lora_config(model: nn.Module, meta: dict, lora_bias: bool) -> dict:
     return {"peft_type": "LORA", "task_type": next((t for s, t in _TASK_TYPES.items() if cls.endswith(s)), None),
             "base_model_name_or_path": base_model_name_or_path(model), "target_modules": sorted(ranks),
             "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),  # scaling 1 everywhere
-            "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": lora_bias,
+            "use_rslora": False, "use_dora": False, "fan_in_fan_out": conv1d, "bias": "none", "lora_bias": lora_bias,
             "lora_dropout": config.slice_dropout if config is not None else 0.0,
             "modules_to_save": saved or None, "inference_mode": True}
 

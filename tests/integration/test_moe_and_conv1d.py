@@ -9,10 +9,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig, \
     MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, TrainerCallback
 
-from helpers import TokenDataset, dense_mask, masked_dense_training, sparse_trainer
+from helpers import TokenDataset, dense_mask, masked_dense_training, random_selection, sparse_trainer
 from sprune_trainer import SparseNeuronConfig, load_sparse_adapter, merge_sparse, save_sparse_adapter
 from sprune_trainer.layers.grouped_experts import uses_grouped_path
-from sprune_trainer.layers.linear_like import linear_shape
 from sprune_trainer.layers.surgery import inject_slices, sliced_modules
 from sprune_trainer.layers.targets import find_target_layers, routers
 
@@ -98,11 +97,7 @@ def test_gpt2_conv1d_projections_are_targeted():
 
 
 def _random_selection(model, axis, k=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, layer in find_target_layers(model).items():
-        out[name] = torch.randperm(linear_shape(layer)[0 if axis == "rows" else 1], generator=g)[:k]
-    return out
+    return random_selection(model, SparseNeuronConfig(neurons_per_layer=k, importance="random", axis=axis), seed)
 
 
 @pytest.mark.parametrize("axis", ["rows", "columns"])

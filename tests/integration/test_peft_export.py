@@ -170,3 +170,33 @@ def test_other_bases_and_unsliced_models_are_refused_before_anything_is_written(
     with pytest.raises(ValueError, match="no sparse-neuron slices"):
         export_peft_lora(tiny_model(), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+def test_gpt2_conv1d_slices_load_in_peft_exactly(tmp_path, axis):
+    cfg = SparseNeuronConfig(neurons_per_layer=4, importance="random", axis=axis)
+    model = _sliced(_gpt2(), cfg)
+    export_peft_lora(model, str(tmp_path))
+    assert _config(tmp_path)["fan_in_fan_out"] is True  # PEFT's flag for Conv1D's stored (d_in, d_out) weight
+    _check_peft_equals(model, _gpt2, str(tmp_path))
+
+
+def test_moe_expert_slices_are_refused_naming_the_fused_parameter(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from helpers import SHAPE_MOE
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**SHAPE_MOE))
+    if not hasattr(model.model.layers[0], "mlp"):
+        pytest.skip("transformers 4.x: Mixtral's experts are nn.Linear modules, exported like any")
+    model = _sliced(model, SparseNeuronConfig(neurons_per_layer=2, importance="random"))
+    with pytest.raises(ValueError, match=r"experts\.0\.gate_up_proj to PEFT LoRA: it slices one expert of the fused "
+                                         r"MoE parameter gate_up_proj"):
+        export_peft_lora(model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
