@@ -70,6 +70,7 @@ def test_nonfinite_step_is_skipped_inside_deepspeed(tmp_path, name):
     assert all(math.isfinite(x) for x in values) and any(values)
 
 
+@pytest.mark.slow
 def test_moe_experts_train_and_resume_under_zero3(tmp_path):
     """A Mixtral's fused experts (transformers 5.x; nn.Linear experts in 4.x), partitioned by ZeRO-3: sliced, trained,
     saved with real values, and a resume continues to the same slices."""

@@ -20,6 +20,7 @@ def _rel(a, b):
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_user_stack_smoke_runs_every_method_and_switch_and_resumes(tmp_path):
     from benchmarks import user_stack
     from benchmarks.user_stack_report import markdown
