@@ -313,3 +313,22 @@ def test_a_router_trains_only_through_modules_to_save(tmp_path):
 def routers_and_gates(model):
     """The routing module of every MoE block (5.x: a top-k router module; 4.x: an nn.Linear `gate`)."""
     return {n: m for n, m in model.named_modules() if n.endswith(("mlp.gate", "block_sparse_moe.gate"))}
+
+
+@pytest.mark.slow
+def test_compiled_training_of_expert_slices_equals_eager(tmp_path):
+    """torch_compile=True (aot_eager on the CPU) over the experts' grouped path and Conv1D: the same slices as eager."""
+    from helpers import slice_state
+    for family in ("mixtral", "gpt2"):
+        states = []
+        for compiled in (False, True):
+            kw = dict(torch_compile=True, torch_compile_backend="aot_eager") if compiled else {}
+            trainer = sparse_trainer(tmp_path / f"{family}{compiled}", SparseNeuronConfig(neurons_per_layer=3,
+                                     importance="l2"), model=_model(family), max_steps=3, **kw)
+            trainer.train()
+            states.append({k.replace("_orig_mod.", ""): v for k, v in slice_state(trainer.model).items()})
+        eager, compiled = states
+        assert eager.keys() == compiled.keys() and any(".experts." in k for k in eager) == (family == "mixtral")
+        for key, value in eager.items():
+            assert value.any(), key
+            torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-6, msg=key)
