@@ -21,6 +21,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 _EXPOSED = "_sprune_expert_views"  # instance attribute: the experts module runs through its per-expert children
+_REFUSED = "_sprune_experts_refused"  # instance attribute: why it cannot be exposed (said once, not re-checked)
 
 
 class ExpertLinear(nn.Module):
@@ -99,10 +100,11 @@ def _sliced_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' eager experts loop, each projection called through this expert's child module; the grouped
     matmul path (grouped_experts.py) where the model runs grouped_mm experts and the slices stack."""
-    from .grouped_experts import grouped_sliced_experts_forward, uses_grouped_path  # imports sliced_linear
+    from .grouped_experts import grouped_sliced_experts_forward, grouped_slices  # imports sliced_linear
 
-    if uses_grouped_path(self, _projections(self)):
-        return grouped_sliced_experts_forward(self, hidden_states, top_k_index, top_k_weights, _projections(self))
+    slices = grouped_slices(self, _projections(self))
+    if slices is not None:
+        return grouped_sliced_experts_forward(self, hidden_states, top_k_index, top_k_weights, slices)
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
         mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # (E+1, top_k, tokens)
@@ -164,8 +166,8 @@ def _remove_views(module: nn.Module) -> None:
 
 @torch.no_grad()
 def _loop_matches(module: nn.Module) -> Optional[str]:
-    """None when the per-expert loop computes what the module's own forward does on a few random tokens (checked on a
-    copy-free run of both), else why not. Skipped (None) for weights not materialised here (meta, ZeRO-3 shards)."""
+    """None when the per-expert loop computes what the module's own forward does on a few random tokens, else why
+    not. Skipped (None) for weights not materialised here (meta, ZeRO-3 shards)."""
     up = getattr(module, _projections(module)[0])
     if up.device.type == "meta" or up.numel() == 0 or hasattr(up, "ds_id"):
         return None
@@ -186,10 +188,11 @@ def _loop_matches(module: nn.Module) -> Optional[str]:
 
 def expose_experts(model: nn.Module) -> dict[str, str]:
     """Expose every fused experts module of `model` (idempotent). Returns {module name: why it was left as it is} for
-    the experts modules that could not be exposed; their weights stay frozen and the coverage warning names them."""
+    the experts modules newly found unexposable (one warning says so; they are not checked again); their weights stay
+    frozen and the coverage warning names them too."""
     refused, verdict = {}, {}
-    for name, module in model.named_modules():
-        if not is_fused_experts(module) or getattr(module, _EXPOSED, False):
+    for name, module in list(model.named_modules()):  # a list: exposing adds children
+        if not is_fused_experts(module) or getattr(module, _EXPOSED, False) or _REFUSED in module.__dict__:
             continue
         if hasattr(module, "_hf_hook") or "forward" in module.__dict__:
             refused[name] = "its forward is wrapped (accelerate hooks or another patch)"
@@ -204,6 +207,8 @@ def expose_experts(model: nn.Module) -> dict[str, str]:
         if verdict[cls] is not None:
             _remove_views(module)
             refused[name] = f"{cls.__name__}'s per-expert computation is not the layout this code knows ({verdict[cls]})"
+    for name, why in refused.items():
+        model.get_submodule(name).__dict__[_REFUSED] = why
     if refused:
         first = next(iter(refused.items()))
         logger.warning(f"{len(refused)} MoE experts modules cannot be sliced and stay frozen, e.g. {first[0]}: "

@@ -29,16 +29,17 @@ def _slices(module: nn.Module, name: str) -> Optional[list[SlicedLinear]]:
     return found if stackable else None
 
 
-def uses_grouped_path(module: nn.Module, projections: tuple[str, str]) -> bool:
-    """Whether the exposed experts `module` runs sliced through grouped matmuls: the model asks for transformers'
-    grouped_mm experts and every projection's slices stack."""
+def grouped_slices(module: nn.Module, projections: tuple[str, str]) -> Optional[dict[str, list[SlicedLinear]]]:
+    """{projection: its experts' slices} when the exposed experts `module` runs sliced through grouped matmuls (the
+    model asks for transformers' grouped_mm experts and every projection's slices stack); else None."""
     config = getattr(module, "config", None)
     if getattr(config, "_experts_implementation", None) != "grouped_mm" or getattr(module, "_is_expert_parallel", False):
-        return False
-    return all(_slices(module, name) is not None for name in projections)
+        return None
+    found = {name: _slices(module, name) for name in projections}
+    return found if all(s is not None for s in found.values()) else None
 
 
-def _project(module: nn.Module, name: str, x: torch.Tensor, expert_ids: torch.Tensor,
+def _project(module: nn.Module, name: str, slices: list[SlicedLinear], x: torch.Tensor, expert_ids: torch.Tensor,
              offsets: torch.Tensor) -> torch.Tensor:
     from .._hf_internals import grouped_mm
 
@@ -47,7 +48,6 @@ def _project(module: nn.Module, name: str, x: torch.Tensor, expert_ids: torch.Te
     bias = getattr(module, f"{name}_bias", None) if module.has_bias else None
     if bias is not None:
         base = base + bias[expert_ids]
-    slices = _slices(module, name)
     dt = base.dtype
     index = torch.stack([s.index for s in slices])[expert_ids]  # (S, k): each pair's expert's neurons
     k = index.shape[1]
@@ -62,7 +62,7 @@ def _project(module: nn.Module, name: str, x: torch.Tensor, expert_ids: torch.Te
 
 
 def grouped_sliced_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                                   top_k_weights: torch.Tensor, projections: tuple[str, str]) -> torch.Tensor:
+                                   top_k_weights: torch.Tensor, slices: dict[str, list[SlicedLinear]]) -> torch.Tensor:
     """transformers' grouped_mm experts forward (no expert parallelism), each projection with its slices added."""
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape
@@ -71,10 +71,10 @@ def grouped_sliced_experts_forward(module: nn.Module, hidden_states: torch.Tenso
     weights = top_k_weights.reshape(-1)[perm]
     counts = torch.bincount(expert_ids, minlength=module.num_experts)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    up, down = projections
-    h = _project(module, up, x, expert_ids, offsets)
+    (up, up_slices), (down, down_slices) = slices.items()
+    h = _project(module, up, up_slices, x, expert_ids, offsets)
     h = activate(module, h)
-    h = _project(module, down, h, expert_ids, offsets)
+    h = _project(module, down, down_slices, h, expert_ids, offsets)
     if getattr(module, "has_post_expert_norm", False):  # (transformers < 5.2x: no such flag)
         h = module.post_expert_norm(h)
     h = h * weights.unsqueeze(-1)

@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from helpers import TokenDataset, dense_mask, masked_dense_training, random_selection, sparse_trainer
 from sprune_trainer import SparseNeuronConfig, load_sparse_adapter, merge_sparse, save_sparse_adapter
-from sprune_trainer.layers.grouped_experts import uses_grouped_path
+from sprune_trainer.layers.grouped_experts import grouped_slices
 from sprune_trainer.layers.surgery import inject_slices, sliced_modules
 from sprune_trainer.layers.targets import find_target_layers, routers
 
@@ -196,7 +196,7 @@ def test_trainer_steps_equal_masked_dense_training(tmp_path, family, axis):
         fused = any(n.endswith("gate_up_proj") for n in selection)
         experts = trainer.model.model.layers[0].mlp.experts if fused else None
         if fused:  # the path the model asked for: grouped matmuls, or transformers' eager loop
-            assert uses_grouped_path(experts, ("gate_up_proj", "down_proj")) == (family == "mixtral")
+            assert (grouped_slices(experts, ("gate_up_proj", "down_proj")) is not None) == (family == "mixtral")
         assert [s for s, _ in starving.grads] == [False, True, False, True]
         for starved, grads in starving.grads:
             if not starved:
