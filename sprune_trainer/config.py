@@ -143,6 +143,15 @@ class SparseNeuronConfig:
         default="float32",
         metadata={"help": f"Adam moment storage, one of {OPTIMIZER_STATES}: 8, 4 or ~2 bytes per trained weight."},
     )
+    compensated_update: bool = field(
+        default=False,
+        metadata={"help": "Low-precision slices (slice_dtype bfloat16 / float16) keep the rounding error of each "
+                          "optimizer update in a buffer of their own dtype and add it back on the next (Kahan-"
+                          "compensated summation; SliceAdamW only), so updates far below a bf16 slice's rounding step "
+                          "add up instead of rounding away. slice_dtype='bfloat16' with optimizer_state='int8' then "
+                          "costs 8 bytes per trained number (slice, gradient, compensation, moments) against 16 at "
+                          "the defaults. No effect on float32 slices."},
+    )
     quantize_base: Optional[str] = field(
         default=None,
         metadata={"help": f"Quantize the targeted linears of a full-precision model to bitsandbytes 4-bit, one of "
@@ -209,7 +218,7 @@ class SparseNeuronConfig:
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}; choose one of {allowed}.")
         for name in ("train_bias", "double_quant", "init_from_quantization_error", "nonfinite_guard",
-                     "cudnn_attention", "untrained_guard"):
+                     "cudnn_attention", "untrained_guard", "compensated_update"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.train_bias and self.axis != "rows":
@@ -280,7 +289,7 @@ class SparseNeuronConfig:
     # Run-time, not saved; the borderline ones:
     #   calibration_batches, calibration_micro_batch_size, zo_eps: how the scores were estimated; the indices are saved
     #   recompute_slice_inputs: memory against speed, the same gradients
-    #   optimizer_state: how the Adam moments are stored; a checkpoint keeps the moments themselves
+    #   optimizer_state, compensated_update: how the optimizer stores its state; a checkpoint keeps that state itself
     # and the run's guards and kernels: nonfinite_guard, max_nonfinite_steps, untrained_guard, cudnn_attention.
 
     def to_dict(self) -> dict[str, Any]:

@@ -94,7 +94,8 @@ class SlicePreparationMixin:
 
     def _report_selection(self) -> None:
         """The summary to the log now, and its numbers to Trainer.log() (report_to trackers) once training begins."""
-        self.sparse_summary = selection_summary(self.model, self.sparse_config.optimizer_state)
+        self.sparse_summary = selection_summary(self.model, self.sparse_config.optimizer_state,
+                                                self.sparse_config.compensated_update)
         if self.is_world_process_zero():
             logger.info(format_summary(self.sparse_summary))
         self._selection_log.pending = summary_metrics(self.sparse_summary)

@@ -28,7 +28,9 @@ def logical_numel(p: nn.Parameter) -> int:
     return n
 
 
-def selection_summary(model: nn.Module, optimizer_state: str = "float32") -> dict:
+def selection_summary(model: nn.Module, optimizer_state: str = "float32", compensated: bool = False) -> dict:
+    """What the run trains: neurons per projection kind, trainable numbers, optimizer state bytes (moments, and with
+    `compensated` the low-precision slices' compensation buffers) against AdamW on the whole model, coverage."""
     layers = sliced_modules(model)
     by_kind: dict[str, list] = defaultdict(list)  # "q_proj" -> [(k, n_units), ...]
     for name, layer in layers.items():
@@ -44,7 +46,8 @@ def selection_summary(model: nn.Module, optimizer_state: str = "float32") -> dic
         "trainable_params": trainable,
         "model_params": frozen,
         "trainable_percent": 100.0 * trainable / max(frozen, 1),
-        "optimizer_state_bytes": int(trainable * adam_state_bytes_per_param(optimizer_state)),
+        "optimizer_state_bytes": int(trainable * adam_state_bytes_per_param(optimizer_state))
+        + (_compensation_bytes(model) if compensated else 0),
         "full_ft_adamw_state_bytes": int(frozen * adam_state_bytes_per_param("float32")),
         "coverage": _coverage(model),
     }
@@ -99,6 +102,12 @@ class SelectionLogCallback(TrainerCallback):
         if self.pending is not None:
             self.log(dict(self.pending))
             self.pending = None
+
+
+def _compensation_bytes(model: nn.Module) -> int:
+    """Bytes of SliceAdamW's compensation buffers: one per low-precision trainable number, in its dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()
+               if p.requires_grad and p.dtype != torch.float32)
 
 
 def warn_unscored_layers(scores: dict[str, torch.Tensor], importance: str, limit: int = 6) -> list[str]:

@@ -112,8 +112,9 @@ class SparseNeuronMixin(SlicePreparationMixin, AdapterSavingMixin, NonFiniteGuar
         if getattr(self, "optimizer_cls_and_kwargs", None) is not None or optim_chosen(self.args):
             # the Trainer's own optimizer (fused AdamW, bitsandbytes 8-bit / paged, ...) over the trainable
             # parameters, which are the slices (and modules_to_save) only
-            if self.sparse_config.optimizer_state != "float32":
-                logger.warning(f"optimizer_state={self.sparse_config.optimizer_state!r} applies to SliceAdamW only; "
+            if self.sparse_config.optimizer_state != "float32" or self.sparse_config.compensated_update:
+                logger.warning(f"optimizer_state={self.sparse_config.optimizer_state!r} and compensated_update="
+                               f"{self.sparse_config.compensated_update} apply to SliceAdamW only; "
                                f"optim={optim_name(self.args)} keeps its own state")
             self._sparse_optimizer = super().create_optimizer()
             return self._sparse_optimizer
@@ -124,7 +125,8 @@ class SparseNeuronMixin(SlicePreparationMixin, AdapterSavingMixin, NonFiniteGuar
                   {"params": [p for n, p in named if n.endswith("bias_delta")], "weight_decay": 0.0}]
         self.optimizer = SliceAdamW([g for g in groups if g["params"]], lr=self.args.learning_rate,
                                     betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-                                    state_dtype=self.sparse_config.optimizer_state)
+                                    state_dtype=self.sparse_config.optimizer_state,
+                                    compensated=self.sparse_config.compensated_update)
         self._sparse_optimizer = self.optimizer
         return self._guard_optimizer(self.optimizer)
 

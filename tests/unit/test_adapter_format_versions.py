@@ -21,7 +21,8 @@ from transformers import TrainingArguments
 CFG = SparseNeuronConfig(neurons_per_layer=4, importance="random", seed=3)
 IDS = torch.arange(24).reshape(2, 12) % 128
 RUN_TIME_KEYS = ("calibration_batches", "calibration_micro_batch_size", "zo_eps", "recompute_slice_inputs",
-                 "optimizer_state", "nonfinite_guard", "max_nonfinite_steps", "untrained_guard", "cudnn_attention")
+                 "optimizer_state", "compensated_update", "nonfinite_guard", "max_nonfinite_steps", "untrained_guard",
+                 "cudnn_attention")
 # the config an adapter recorded before the split: every field, run-time knobs included (some not at defaults)
 FULL_CONFIG_OF_VERSION_2 = {
     "axis": "rows", "calibration_batches": 7, "calibration_micro_batch_size": 0, "cudnn_attention": True,
