@@ -1,13 +1,14 @@
 """MoE experts and GPT-2's Conv1D are sliced like any linear, checked against the dense model they come from:
-fused 3-D experts (Mixtral, Qwen3-MoE in transformers 5.x; per-expert nn.Linear in 4.x), an MoE built from per-expert
-nn.Linear modules, and GPT-2. Only the chosen rows change, the slices' gradients are the dense weight gradient's rows,
+fused 3-D experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its shared expert, OLMoE in transformers 5.x; per-expert
+nn.Linear in 4.x), an MoE built from per-expert nn.Linear modules, and GPT-2. Only the chosen rows change, the slices' gradients are the dense weight gradient's rows,
 N Trainer steps equal masked dense training (also when an expert gets no token), adapters and merges reproduce the
 trained logits, and routers are never sliced."""
 import pytest
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig, \
-    MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, TrainerCallback
+    MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, \
+    Qwen3MoeForCausalLM, TrainerCallback
 
 from helpers import TokenDataset, dense_mask, masked_dense_training, random_selection, sparse_trainer
 from sprune_trainer import SparseNeuronConfig, load_sparse_adapter, merge_sparse, save_sparse_adapter
@@ -62,6 +63,10 @@ FAMILIES = {
                                                             num_experts=4, num_experts_per_tok=2, head_dim=8)),
     # the same Mixtral on transformers' eager experts loop (5.x; the default is grouped_mm where it can run)
     "mixtral_eager": lambda: _eager_experts(FAMILIES["mixtral"]()),
+    "qwen2_moe": lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(**SHAPE, intermediate_size=64, moe_intermediate_size=16,
+                                                            shared_expert_intermediate_size=32, num_experts=4,
+                                                            num_experts_per_tok=2)),  # and a gated shared expert
+    "olmoe": lambda: OlmoeForCausalLM(OlmoeConfig(**SHAPE, intermediate_size=16, num_experts=4, num_experts_per_tok=2)),
     "linear_experts": _per_expert_linear_moe,
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                                                       embd_pdrop=0.0, attn_pdrop=0.0)),
@@ -77,7 +82,7 @@ def _expert_layers(model):
     return [n for n in find_target_layers(model) if ".experts." in n]
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "linear_experts"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "linear_experts"])
 def test_every_expert_projection_is_targeted_and_routers_are_not(family):
     model = _model(family)
     found = find_target_layers(model)
