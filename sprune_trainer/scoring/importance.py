@@ -476,8 +476,7 @@ class ZerothOrderImportance(Importance):
 
         n_batches = 0
         plan = MicroBatchPlan(self.config.calibration_micro_batch_size, self.exact_in_parts)
-        with _scoring_mode(model, layers, need_input_grad=False), torch.no_grad():
-            handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
+        with _forward_hooks(model, layers, make_forward_hook):
             try:
                 for b, batch in enumerate(_calibration(batches, self.config, self.name, progress)):
                     state["batch"], state["sign"] = b, 1.0
@@ -495,11 +494,22 @@ class ZerothOrderImportance(Importance):
                     n_batches += 1
             finally:
                 state["sign"] = 0.0
-                for h in handles:
-                    h.remove()
         if n_batches == 0:
             raise _no_batches_error(self.name)
         return {name: a.abs() for name, a in acc.items()}
+
+
+@contextlib.contextmanager
+def _forward_hooks(model: nn.Module, layers: dict[str, nn.Module], make_forward_hook):
+    """The forward-only criteria's setting: scoring mode without gradients, `make_forward_hook(name)` on every layer
+    for the block (removed after it, also on error)."""
+    with _scoring_mode(model, layers, need_input_grad=False), torch.no_grad():
+        handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def _loss_value(loss, criterion: str) -> float:
@@ -538,8 +548,7 @@ class WandaImportance(Importance):
 
         n_batches = 0
         plan = MicroBatchPlan(self.config.calibration_micro_batch_size, self.exact_in_parts)
-        with _scoring_mode(model, layers, need_input_grad=False), torch.no_grad():
-            handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
+        with _forward_hooks(model, layers, make_forward_hook):
             try:
                 for batch in _calibration(batches, self.config, self.name, progress):
                     for part, _ in plan.parts(batch, weighted=False):
@@ -549,8 +558,6 @@ class WandaImportance(Importance):
                     n_batches += 1
             finally:
                 state["mask"] = None
-                for h in handles:
-                    h.remove()
         if n_batches == 0:
             raise _no_batches_error(self.name)
         out = {}
