@@ -319,7 +319,7 @@ def check_adapter_fits(model: nn.Module, adapter: SparseAdapter, slice_dtype: Op
                 check_no_rounding(saved, slice_dtype_for(model.get_submodule(name), slice_dtype), f"slice {name!r}",
                                   f"use slice_dtype={dtype_name(saved)!r} (or 'float32')")
     except ValueError:
-        hide_experts(model, keep=lambda m: any(isinstance(c, SlicedLinear) for c in m.modules()))  # as it was
+        hide_experts(model, only_unsliced=True)  # as it was
         raise
 
 

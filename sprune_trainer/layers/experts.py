@@ -172,7 +172,7 @@ def _loop_matches(module: nn.Module) -> Optional[str]:
     if up.device.type == "meta" or up.numel() == 0 or hasattr(up, "ds_id"):
         return None
     gen = torch.Generator(device=up.device).manual_seed(0)
-    hidden = ExpertLinear(module, _projections(module)[0], 0, module.is_transposed).in_features
+    hidden = _full_shape(up)[1 if module.is_transposed else 2]
     tokens, top_k = 6, min(2, module.num_experts)
     x = torch.randn(tokens, hidden, generator=gen, device=up.device, dtype=torch.float32).to(up.dtype)
     index = torch.stack([torch.randperm(module.num_experts, generator=gen, device=up.device)[:top_k]
@@ -216,10 +216,14 @@ def expose_experts(model: nn.Module) -> dict[str, str]:
     return refused
 
 
-def hide_experts(model: nn.Module, keep=lambda module: False) -> None:
-    """Put every exposed experts module back to its own forward and children, except those `keep(module)` holds."""
+def hide_experts(model: nn.Module, only_unsliced: bool = False) -> None:
+    """Put every exposed experts module back to its own forward and children (`only_unsliced`: those that hold no
+    slice, e.g. after surgery put none there or a failed load check)."""
+    from .sliced_linear import SlicedLinear  # (local: sliced_linear imports linear_like, which imports this module)
+
     for module in list(model.modules()):
-        if getattr(module, _EXPOSED, False) and not keep(module):
+        if getattr(module, _EXPOSED, False) and not (
+                only_unsliced and any(isinstance(c, SlicedLinear) for c in module.modules())):
             _remove_views(module)
 
 

@@ -116,7 +116,7 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
         base.train(original.training)  # a model in eval mode stays so: no slice dropout, bnb's inference kernels
         setattr(parent, child, base)
     # experts modules that got no slice run their own forward again
-    hide_experts(model, keep=lambda m: any(isinstance(c, SlicedLinear) for c in m.modules()))
+    hide_experts(model, only_unsliced=True)
     setattr(model, CONFIG_ATTR, config)
     refuse_save_pretrained(model)  # merge_sparse takes it away
     return wrapped
