@@ -15,7 +15,7 @@ DATA_IMPORTANCE_NAMES = ("taylor", "hessian", "zeroth_order", "wanda")  # those 
 TAYLOR_FORMS = ("multivariable", "elementwise")
 SCOPES = ("per_layer", "global")
 EXPERT_SCOPES = ("per_expert", "across_experts")
-AXES = ("rows", "columns")
+AXES = ("rows", "columns", "coupled")
 SLICE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 OPTIMIZER_STATES = ("float32", "bfloat16", "int8")
 QUANTIZE_BASES = ("nf4", "fp4")
@@ -75,7 +75,15 @@ class SparseNeuronConfig:
         default="rows",
         metadata={"help": "rows: train output neurons W[I, :] (the paper); columns: train input features W[:, J] "
                           "(saves only x[..., J] for backward). Taylor/Hessian columns are the high-activation "
-                          "features: they want a ~10x lower learning rate than l2/random columns."},
+                          "features: they want a ~10x lower learning rate than l2/random columns. coupled: train "
+                          "structural neurons whole, as structural pruning removes them: an MLP neuron is its row in "
+                          "gate_proj and up_proj and its column in down_proj; an attention value channel is a v_proj "
+                          "row and the o_proj columns it feeds; a query-key channel is a k_proj row and the q_proj rows "
+                          "it meets (every query head of its key-value group); other targeted linears give rows. A "
+                          "group scores the sum of its members' scores (each linear's scores divided by their mean), "
+                          "and groups compete per trained weight: per_layer, each decoder layer trains as many "
+                          "weights as neurons_per_layer (or ratio) rows of each of its targeted linears would; "
+                          "global, the model's sum of those."},
     )
     target_modules: Optional[list[str]] = field(
         default=None,
@@ -223,6 +231,9 @@ class SparseNeuronConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.train_bias and self.axis != "rows":
             raise ValueError("train_bias needs axis='rows' (a column slice touches every output's bias).")
+        if self.axis == "coupled" and (self.head_balanced or self.expert_scope != "per_expert"):
+            raise ValueError("axis='coupled' chooses whole neuron groups, not per-linear neurons: it does not combine "
+                             "with head_balanced=True or expert_scope='across_experts'.")
         if not (_is_int(self.calibration_batches) and self.calibration_batches >= 0):
             raise ValueError(f"calibration_batches must be a non-negative integer, got {self.calibration_batches!r}.")
         if self.importance in DATA_IMPORTANCE_NAMES and self.calibration_batches <= 0:
@@ -265,8 +276,8 @@ class SparseNeuronConfig:
         if self.recompute_slice_inputs is not None and not isinstance(self.recompute_slice_inputs, bool):
             raise ValueError(f"recompute_slice_inputs must be True, False or None (rows: on), "
                              f"got {self.recompute_slice_inputs!r}.")
-        if self.recompute_slice_inputs and self.axis != "rows":
-            raise ValueError("recompute_slice_inputs applies to axis='rows' (a column slice saves only x[..., J]), "
+        if self.recompute_slice_inputs and self.axis == "columns":
+            raise ValueError("recompute_slice_inputs applies to row slices (a column slice saves only x[..., J]), "
                              f"got axis={self.axis!r}.")
 
     # what must agree between a checkpoint and the run resuming it: the neurons and the base they sit on
@@ -320,8 +331,9 @@ class SparseNeuronConfig:
 
     @property
     def recomputes_slice_inputs(self) -> bool:
-        """`recompute_slice_inputs` resolved: None = on for rows (columns save only x[..., J] anyway)."""
-        return self.axis == "rows" if self.recompute_slice_inputs is None else self.recompute_slice_inputs
+        """`recompute_slice_inputs` resolved for row slices (axis rows, or the rows of coupled groups): None = on
+        (column slices save only x[..., J] anyway)."""
+        return self.axis != "columns" if self.recompute_slice_inputs is None else self.recompute_slice_inputs
 
     def selection_differences(self, other: "SparseNeuronConfig") -> dict[str, tuple]:
         """Fields that decide which neurons are trained and differ between `self` and `other`."""

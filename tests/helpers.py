@@ -111,14 +111,14 @@ def sparse_trainer(out, cfg=None, dataset=None, model=None, **kw):
 def masked_dense_training(selection, axis, make_optimizer, data, steps, make_model=None, before_step=None):
     """The reference for slice training: `make_model()` (default tiny_model()) with only the dense weight entries the
     slices cover trainable (a gradient mask, `dense_mask`), `steps` full-batch steps of `make_optimizer(weights)`
-    (`before_step(i)` first, if given); returns its state_dict."""
+    (`before_step(i)` first, if given); returns its state_dict. `axis`: one for every layer, or name -> axis."""
     import torch
     ref = (make_model or tiny_model)()
     for p in ref.parameters():
         p.requires_grad_(False)
     masks = {}
     for name, idx in selection.items():
-        w, mask = dense_mask(ref, name, idx, axis)
+        w, mask = dense_mask(ref, name, idx, axis[name] if isinstance(axis, dict) else axis)
         masks[w] = masks[w] | mask if w in masks else mask  # experts of one fused tensor share it
     for w, mask in masks.items():
         w.requires_grad_(True)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -32,7 +32,7 @@ from ..config import SLICE_DTYPES, SparseNeuronConfig, dtype_name
 from ..layers.experts import expose_experts, hide_experts
 from ..layers.linear_like import is_sliceable, linear_shape
 from ..layers.full_modules import check_full_fits, check_full_tensors, copy_full_into, full_metadata, full_state
-from ..layers.surgery import CONFIG_ATTR, inject_slices, layers_to_quantize, sliced_modules
+from ..layers.surgery import CONFIG_ATTR, inject_slices, layers_to_quantize, selection_axes, sliced_modules
 from ..training.nonfinite import require_finite
 from ..layers.sliced_linear import SlicedLinear, slice_dtype_for
 from ..integrations.zero3 import gathered
@@ -56,6 +56,10 @@ class SparseAdapter:
     shapes: dict[str, tuple[int, int]]  # module name -> base weight (d_out, d_in)
     model_class: Optional[str] = None   # type(model).__name__ and model.config.model_type when saved
     model_type: Optional[str] = None
+    axes: dict[str, str] = field(default_factory=dict)  # module name -> "rows" / "columns" (default: config.axis)
+
+    def axis(self, name: str) -> str:
+        return self.axes.get(name, self.config.axis)
 
     def dtypes(self) -> dict[str, torch.dtype]:
         return {name: self.tensors[f"{name}.delta"].dtype for name in self.selection}
@@ -224,7 +228,7 @@ def read_sparse_adapter(path: str) -> SparseAdapter:
     check_adapter_consistent(config, layers, tensors, path, meta.get("modules_to_save"))
     selection = {n: tensors.pop(f"{n}.index") for n in layers}
     return SparseAdapter(config, selection, tensors, {n: tuple(m["shape"]) for n, m in layers.items()},
-                         meta.get("model_class"), meta.get("model_type"))
+                         meta.get("model_class"), meta.get("model_type"), {n: m["axis"] for n, m in layers.items()})
 
 
 def _warn_unknown_keys(meta_path: str, meta: dict, unknown_config: list[str]) -> None:
@@ -258,7 +262,7 @@ def _check_layer(config: SparseNeuronConfig, name: str, meta, tensors: dict, whe
     shape, axis, k, dtype = (meta[key] for key in LAYER_KEYS)
     if not (isinstance(shape, list | tuple) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
         raise ValueError(f"{where}: layer {name!r} has shape {shape!r}, not (d_out, d_in)")
-    if axis != config.axis:
+    if axis != config.axis and not (config.axis == "coupled" and axis in ("rows", "columns")):
         raise ValueError(f"{where}: layer {name!r} is recorded with axis={axis!r}, its config says {config.axis!r}")
     index, delta = tensors.get(f"{name}.index"), tensors.get(f"{name}.delta")
     if index is None or delta is None:
@@ -314,6 +318,7 @@ def check_adapter_fits(model: nn.Module, adapter: SparseAdapter, slice_dtype: Op
             check_slices_match(model, adapter)
             return
         layers_to_quantize(model, adapter.config)  # quantize_base on an already quantized model: refused now
+        _check_coupled_axes(model, adapter)
         if slice_dtype is not None:
             for name, saved in adapter.dtypes().items():
                 check_no_rounding(saved, slice_dtype_for(model.get_submodule(name), slice_dtype), f"slice {name!r}",
@@ -321,6 +326,17 @@ def check_adapter_fits(model: nn.Module, adapter: SparseAdapter, slice_dtype: Op
     except ValueError:
         hide_experts(model, only_unsliced=True)  # as it was
         raise
+
+
+def _check_coupled_axes(model: nn.Module, adapter: SparseAdapter) -> None:
+    """axis='coupled': this model's neuron groups slice each layer along the axis the adapter recorded."""
+    if adapter.config.axis != "coupled":
+        return
+    here = selection_axes(model, adapter.selection, adapter.config)
+    wrong = next((n for n in adapter.selection if here[n] != adapter.axis(n)), None)
+    if wrong is not None:
+        raise ValueError(f"adapter is for a different model: its coupled slice {wrong!r} runs along "
+                         f"{adapter.axis(wrong)}, this model's neuron groups give it {here[wrong]}")
 
 
 def _check_layers_fit(model: nn.Module, adapter: SparseAdapter) -> None:
@@ -351,7 +367,7 @@ def check_slices_match(model: nn.Module, adapter: SparseAdapter) -> None:
         raise ValueError("the model's slices are on other layers than the adapter's: "
                          f"{sorted(set(layers) ^ set(adapter.selection))[:4]}")
     for name, layer in layers.items():
-        if layer.axis != adapter.config.axis or not torch.equal(layer.index.cpu(), adapter.selection[name]):
+        if layer.axis != adapter.axis(name) or not torch.equal(layer.index.cpu(), adapter.selection[name]):
             raise ValueError(f"the model's slice {name!r} trains other neurons than the adapter's")
         if (layer.bias_delta is not None) != (f"{name}.bias_delta" in adapter.tensors):
             raise ValueError(f"the model's slice {name!r} and the adapter disagree on training its bias")

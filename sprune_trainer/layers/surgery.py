@@ -13,6 +13,7 @@ from ..config import DATA_IMPORTANCE_NAMES, SparseNeuronConfig
 from .experts import expose_experts, hide_experts
 from .full_modules import check_not_sliced, modules_to_save, train_in_full, warn_untrained_head
 from .linear_like import is_sliceable, linear_shape
+from .neuron_groups import slice_axes
 from .quantization import bnb_kind, dequantize_weight, import_bitsandbytes, quantize_4bit
 from .sliced_linear import SlicedLinear, checked_index, slice_dtype_for
 from .targets import find_target_layers
@@ -89,7 +90,8 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
     if sliced_modules(model):
         raise ValueError("model already has sparse-neuron slices; merge_sparse() it or load into a fresh model")
     to_quantize = layers_to_quantize(model, config)
-    selection = _checked_selection(model, selection, config.axis)
+    axes = selection_axes(model, selection, config)
+    selection = _checked_selection(model, selection, axes)
     check_not_sliced(modules_to_save(model, config.modules_to_save), sorted(set(selection) | set(to_quantize)))
     if to_quantize:
         import_bitsandbytes(f"quantize_base={config.quantize_base!r}")
@@ -106,7 +108,7 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
                                  double_quant=config.double_quant)
         if name in selection:
             dtype = (slice_dtypes or {}).get(name) or slice_dtype_for(base, config.slice_dtype)
-            layer = SlicedLinear(base, selection[name], axis=config.axis, dtype=dtype, train_bias=config.train_bias,
+            layer = SlicedLinear(base, selection[name], axis=axes[name], dtype=dtype, train_bias=config.train_bias,
                                  dropout=config.slice_dropout)
             layer.recompute_input = config.recomputes_slice_inputs
             if config.init_from_quantization_error:  # delta = (W - dequant(Q(W)))[I]
@@ -122,12 +124,22 @@ def inject_slices(model: nn.Module, selection: dict[str, torch.Tensor], config: 
     return wrapped
 
 
-def _checked_selection(model: nn.Module, selection: dict, axis: str) -> dict[str, torch.Tensor]:
+def selection_axes(model: nn.Module, selection: dict, config: SparseNeuronConfig) -> dict[str, str]:
+    """name -> the axis of its slice: `config.axis`, or with axis='coupled' the one its neuron groups give it
+    (found among all the targeted linears, as when the neurons were chosen)."""
+    if config.axis != "coupled":
+        return {name: config.axis for name in selection}
+    axes = slice_axes(model, find_target_layers(model, config.target_modules), config.axis)
+    return {name: axes.get(name, "rows") for name in selection}
+
+
+def _checked_selection(model: nn.Module, selection: dict, axes: dict[str, str]) -> dict[str, torch.Tensor]:
     """name -> sorted indices, once every name is a linear of `model` and every index set fits it."""
     checked = {}
     if any(".experts." in name for name in selection):
         expose_experts(model)  # an adapter's or caller's selection names expert views (experts.<e>.<projection>)
     for name, index in selection.items():
+        axis = axes[name]
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -153,13 +165,14 @@ def quantize_with_sparse_correction(model: nn.Module, config: SparseNeuronConfig
     if selection is None:
         from ..scoring.heads import head_groups
         from ..scoring.importance import score_neurons
-        from ..scoring.selection import select_neurons
+        from ..scoring.selection import coupled_groups, select_neurons
 
         if config.importance in DATA_IMPORTANCE_NAMES:
             raise ValueError(f"importance={config.importance!r} scores on data: pass `selection` (e.g. from "
                              "SparseNeuronTrainer) or use a weight-only criterion (l1, l2, random)")
         layers_to_quantize(model, config)  # a clear error before any scoring if the model is quantized already
         layers = find_target_layers(model, config.target_modules)
-        selection = select_neurons(score_neurons(model, layers, config), config, head_groups(model, layers, config))
+        selection = select_neurons(score_neurons(model, layers, config), config, head_groups(model, layers, config),
+                                   coupled_groups(model, layers, config))
     inject_slices(model, selection, config)
     return model

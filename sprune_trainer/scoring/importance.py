@@ -11,8 +11,9 @@ one `score` method (Torch-Pruning's `Importance` shape), looked up by name in `I
     zeroth_order  taylor with an SPSA gradient estimate                 two forwards per batch, no backward
     wanda         sum_j |W_ij| ||X_j||_2  (X_j: input feature j over all calibration tokens)  forwards only
 
-"Row i" is output neuron i of W (d_out, d_in); with `config.axis == "columns"` every criterion is the same
-with W transposed (score of input feature j sums over rows i).
+"Row i" is output neuron i of W (d_out, d_in); a linear sliced along columns (`config.axis == "columns"`, or its
+part in a coupled group, layers/neuron_groups.py) gets every criterion with W transposed (score of input feature j
+sums over rows i).
 
 Each calibration batch runs in parts of `config.calibration_micro_batch_size` sequences ('auto': as many as memory
 allows, `micro_batch.py`; `calibration.py`), each part's loss weighted by its share of the batch's label tokens: the
@@ -46,6 +47,7 @@ from tqdm.auto import tqdm
 from .micro_batch import MicroBatchPlan
 from ..config import SparseNeuronConfig
 from ..layers.linear_like import linear_shape, source_parameters
+from ..layers.neuron_groups import slice_axes
 from ..layers.quantization import dequantize_weight
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -94,9 +96,9 @@ def dense_weight(layer: nn.Module) -> Iterator[torch.Tensor]:
         yield dequantize_weight(layer)
 
 
-def _reduce_dim(config: SparseNeuronConfig) -> int:
+def _reduce_dim(axis: str) -> int:
     """Dimension of W summed over: 1 for one score per row, 0 for one per column."""
-    return 1 if config.axis == "rows" else 0
+    return 1 if axis == "rows" else 0
 
 
 def _as_2d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -104,9 +106,9 @@ def _as_2d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().reshape(-1, t.shape[-1])
 
 
-def _n_scores(layer: nn.Module, config: SparseNeuronConfig) -> int:
+def _n_scores(layer: nn.Module, axis: str) -> int:
     """d_out (rows) or d_in (columns)."""
-    return linear_shape(layer)[0 if config.axis == "rows" else 1]
+    return linear_shape(layer)[0 if axis == "rows" else 1]
 
 
 def _default_loss(model: nn.Module, batch: dict) -> Optional[torch.Tensor]:
@@ -214,8 +216,13 @@ class Importance:
     needs_data = False
     exact_in_parts = True  # scores the same whatever parts a batch is split into (calibration_micro_batch_size)
 
-    def __init__(self, config: SparseNeuronConfig):
+    def __init__(self, config: SparseNeuronConfig, axes: Optional[dict[str, str]] = None):
         self.config = config
+        self.axes = axes or {}
+
+    def axis(self, name: str) -> str:
+        """The axis layer `name` is scored along (rows / columns)."""
+        return self.axes.get(name, self.config.axis)
 
     def score(self, model: nn.Module, layers: dict[str, nn.Module], batches: Optional[Iterable[dict]],
               loss_fn: LossFn, progress: bool) -> dict[str, torch.Tensor]:
@@ -229,7 +236,7 @@ class RandomImportance(Importance):
         out = {}
         for name, layer in layers.items():
             gen = torch.Generator().manual_seed(layer_seed(self.config.seed, name))
-            out[name] = torch.rand(_n_scores(layer, self.config), generator=gen, dtype=torch.float32)
+            out[name] = torch.rand(_n_scores(layer, self.axis(name)), generator=gen, dtype=torch.float32)
         return out
 
 
@@ -242,7 +249,7 @@ class NormImportance(Importance):
         out = {}
         for name, layer in layers.items():
             with dense_weight(layer) as w:  # (d_out, d_in)
-                out[name] = torch.linalg.vector_norm(w, ord=self.p, dim=_reduce_dim(self.config))
+                out[name] = torch.linalg.vector_norm(w, ord=self.p, dim=_reduce_dim(self.axis(name)))
         return out
 
 
@@ -280,10 +287,10 @@ class _Tap(torch.autograd.Function):
 class GradientImportance(Importance):
     """Shared loop of the backward-hook criteria.
 
-    Per part, every call of a layer contributes `batch_term(layer, x, y, g)` (x: (tokens, d_in) input,
+    Per part, every call of a layer contributes `batch_term(layer, x, y, g, axis)` (x: (tokens, d_in) input,
     y: (tokens, d_out) output, g = dL/dy (tokens, d_out), all in the model's dtype; x / y are None unless
-    `uses_input` / `uses_output`, so only what a criterion needs is kept until backward, see `_Tap`). The terms
-    are summed (a layer used several times per forward gets its full weight gradient) and `finish(layer, total)`
+    `keeps(axis)` says so, so only what a criterion needs is kept until backward, see `_Tap`). The terms
+    are summed (a layer used several times per forward gets its full weight gradient) and `finish(layer, total, axis)`
     turns the sum into a non-negative score increment: over the whole batch when `linear_in_grad` (the term is
     linear in g, so the parts' weighted terms add up to the batch's), else per part, as soon as the grads of all its
     calls have arrived, so a large per-layer term (a d_out x d_in gradient) lives for one layer at a time.
@@ -294,18 +301,21 @@ class GradientImportance(Importance):
 
     needs_data = True
     name = "gradient"
-    uses_input = True
-    uses_output = False
     linear_in_grad = False
 
     @property
     def exact_in_parts(self) -> bool:
         return self.linear_in_grad
 
-    def batch_term(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def keeps(self, axis: str) -> tuple[bool, bool]:
+        """(input x, output y): what batch_term needs of a layer scored along `axis`."""
+        return True, False
+
+    def batch_term(self, layer: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor,
+                   axis: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def finish(self, layer: nn.Module, total: torch.Tensor) -> torch.Tensor:
+    def finish(self, layer: nn.Module, total: torch.Tensor, axis: str) -> torch.Tensor:
         raise NotImplementedError
 
     def score(self, model, layers, batches, loss_fn, progress):
@@ -316,10 +326,12 @@ class GradientImportance(Importance):
         in_backward = [False]
 
         def flush(name):
-            inc = self.finish(layers[name], pending.pop(name))
+            inc = self.finish(layers[name], pending.pop(name), self.axis(name))
             scores[name] = scores[name] + inc if name in scores else inc
 
         def make_forward_hook(name):
+            axis = self.axis(name)
+
             def forward_hook(module, args, output):
                 if not in_backward[0]:
                     calls[name] = calls.get(name, 0) + 1
@@ -327,14 +339,14 @@ class GradientImportance(Importance):
                     return None
 
                 def on_grad(x, y, g):
-                    term = self.batch_term(module, _as_2d(x), _as_2d(y), _as_2d(g))
+                    term = self.batch_term(module, _as_2d(x), _as_2d(y), _as_2d(g), axis)
                     pending[name] = pending[name] + term if name in pending else term
                     received[name] = received.get(name, 0) + 1
                     if not self.linear_in_grad and received[name] == calls.get(name, 0):
                         flush(name)
 
                 x = args[0] if args else None
-                return _Tap.apply(output, x, on_grad, self.uses_input, self.uses_output)
+                return _Tap.apply(output, x, on_grad, *self.keeps(axis))
             return forward_hook
 
         n_batches = 0
@@ -385,14 +397,12 @@ class TaylorImportance(GradientImportance):
     name = "taylor"
     linear_in_grad = True
 
-    def __init__(self, config: SparseNeuronConfig):
-        super().__init__(config)
-        self.uses_output = config.axis == "rows"
-        self.uses_input = not self.uses_output
+    def keeps(self, axis):
+        return axis != "rows", axis == "rows"
 
-    def batch_term(self, layer, x, y, g):
+    def batch_term(self, layer, x, y, g, axis):
         g = g.float()
-        if self.config.axis == "rows":
+        if axis == "rows":
             term = (y.float() * g).sum(0)  # (d_out,)
             if getattr(layer, "bias", None) is not None:
                 term = term - layer.bias.detach().float() * g.sum(0)
@@ -400,7 +410,7 @@ class TaylorImportance(GradientImportance):
         with dense_weight(layer) as w:
             return ((g @ w) * x.float()).sum(0)  # (tokens, d_in) -> (d_in,)
 
-    def finish(self, layer, total):
+    def finish(self, layer, total, axis):
         return total.abs()
 
 
@@ -408,7 +418,7 @@ class WeightGradientImportance(GradientImportance):
     """A criterion of the weight gradient G = g^T x of one part (formed inside the layer's grad hook, one layer at
     a time, never for all layers at once)."""
 
-    def batch_term(self, layer, x, y, g):
+    def batch_term(self, layer, x, y, g, axis):
         return g.float().t() @ x.float()  # (d_out, d_in)
 
 
@@ -417,9 +427,9 @@ class HessianImportance(WeightGradientImportance):
 
     name = "hessian"
 
-    def finish(self, layer, total):
+    def finish(self, layer, total, axis):
         with dense_weight(layer) as w:
-            return (w.square() * total.square()).sum(_reduce_dim(self.config))
+            return (w.square() * total.square()).sum(_reduce_dim(axis))
 
 
 class ElementwiseTaylorImportance(WeightGradientImportance):
@@ -430,9 +440,9 @@ class ElementwiseTaylorImportance(WeightGradientImportance):
 
     name = "taylor"
 
-    def finish(self, layer, total):
+    def finish(self, layer, total, axis):
         with dense_weight(layer) as w:
-            return (w * total).abs().sum(_reduce_dim(self.config))
+            return (w * total).abs().sum(_reduce_dim(axis))
 
 
 class ZerothOrderImportance(Importance):
@@ -454,7 +464,7 @@ class ZerothOrderImportance(Importance):
     name = "zeroth_order"
 
     def score(self, model, layers, batches, loss_fn, progress):
-        eps, dim = float(self.config.zo_eps), _reduce_dim(self.config)
+        eps = float(self.config.zo_eps)
         index = {name: i for i, name in enumerate(layers)}
         state = {"batch": 0, "sign": 0.0}
         proj: dict[str, torch.Tensor] = {}  # sum_j W_ij z_ij of this batch, per layer
@@ -468,7 +478,7 @@ class ZerothOrderImportance(Importance):
                 with dense_weight(module) as w:
                     z = spsa_direction(w.shape, self.config.seed, state["batch"], index[name], w.device)
                     if state["sign"] > 0 and name not in proj:
-                        proj[name] = (w * z).sum(dim)
+                        proj[name] = (w * z).sum(_reduce_dim(self.axis(name)))
                 dt = torch.promote_types(output.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
                 delta = x.to(dt) @ z.to(dt).t()  # (..., d_out)
                 return (output.to(dt) + state["sign"] * eps * delta).to(output.dtype)
@@ -564,7 +574,7 @@ class WandaImportance(Importance):
         for name, s in sumsq.items():
             norm = s.sqrt()  # (d_in,)
             with dense_weight(layers[name]) as w:
-                out[name] = w.abs() @ norm if self.config.axis == "rows" else norm * w.abs().sum(0)
+                out[name] = w.abs() @ norm if self.axis(name) == "rows" else norm * w.abs().sum(0)
         return out
 
 
@@ -579,11 +589,12 @@ IMPORTANCES: dict[str, type[Importance]] = {
 }
 
 
-def criterion_for(config: SparseNeuronConfig) -> Importance:
-    """The criterion `config` asks for (taylor's form decides between its two classes)."""
+def criterion_for(config: SparseNeuronConfig, axes: Optional[dict[str, str]] = None) -> Importance:
+    """The criterion `config` asks for (taylor's form decides between its two classes), scoring each layer along
+    `axes[name]` (default: config.axis)."""
     if config.importance == "taylor" and config.taylor_form == "elementwise":
-        return ElementwiseTaylorImportance(config)
-    return IMPORTANCES[config.importance](config)
+        return ElementwiseTaylorImportance(config, axes)
+    return IMPORTANCES[config.importance](config, axes)
 
 
 def score_neurons(model: nn.Module, layers: dict[str, nn.Linear], config: SparseNeuronConfig,
@@ -602,14 +613,16 @@ def score_neurons(model: nn.Module, layers: dict[str, nn.Linear], config: Sparse
         progress: show a tqdm bar over the calibration batches.
 
     Returns:
-        name -> 1-D float32 CPU tensor: d_out scores (axis="rows") or d_in scores (axis="columns").
+        name -> 1-D float32 CPU tensor: d_out scores (axis="rows") or d_in scores (axis="columns"); with
+        axis="coupled", each layer's along the axis its neuron groups slice it (`slice_axes`).
     """
-    importance = criterion_for(config)
+    axes = slice_axes(model, layers, config.axis)
+    importance = criterion_for(config, axes)
     scores = importance.score(model, layers, batches, loss_fn or _default_loss, progress)
     out = {}
     for name, layer in layers.items():
         if name in scores:
             out[name] = scores[name].detach().float().cpu()
         else:  # never reached the loss: no evidence of importance
-            out[name] = torch.zeros(_n_scores(layer, config), dtype=torch.float32)
+            out[name] = torch.zeros(_n_scores(layer, axes[name]), dtype=torch.float32)
     return out

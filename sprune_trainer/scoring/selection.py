@@ -1,11 +1,12 @@
 """Turn importance scores into the chosen neuron indices: per-layer top-k or one global budget, optionally the same
-number in every attention head."""
+number in every attention head, or whole coupled neuron groups (axis='coupled', `coupled.py`)."""
 from __future__ import annotations
 
 import torch
 
 from ..config import SparseNeuronConfig
 from ..layers.experts import expert_group
+from ..layers.neuron_groups import NeuronGroups, neuron_groups
 
 
 def layer_budget(n_units: int, config: SparseNeuronConfig, name: str = "layer") -> int:
@@ -34,12 +35,26 @@ def _top_per_head(scores: torch.Tensor, k: int, heads: int) -> torch.Tensor:
     return torch.sort((order + torch.arange(heads).unsqueeze(1) * size).flatten()).values
 
 
+def coupled_groups(model, layers: dict, config: SparseNeuronConfig) -> list[NeuronGroups] | None:
+    """The neuron groups select_neurons chooses from with axis='coupled' (None otherwise)."""
+    return neuron_groups(model, layers) if config.axis == "coupled" else None
+
+
 def select_neurons(scores: dict[str, torch.Tensor], config: SparseNeuronConfig,
-                   head_groups: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+                   head_groups: dict[str, int] | None = None,
+                   neuron_groups: list[NeuronGroups] | None = None) -> dict[str, torch.Tensor]:
     """name -> sorted int64 indices. Global scope spends the sum of the per-layer budgets on the layers whose
     neurons score highest after dividing each layer's scores by their mean (scales differ between layers);
     a layer may then get none and is left out. A layer in `head_groups` (name -> heads, see heads.py) takes its
-    count (per-layer budget, or what the global budget gave it) as the same number of top neurons in every head."""
+    count (per-layer budget, or what the global budget gave it) as the same number of top neurons in every head.
+    With axis='coupled' whole `neuron_groups` (coupled_groups) are chosen instead (coupled.py)."""
+    if config.axis == "coupled":
+        if neuron_groups is None:
+            raise ValueError("axis='coupled' chooses neuron groups: pass neuron_groups=coupled_groups(model, layers, "
+                             "config)")
+        from .coupled import select_coupled  # (coupled.py uses layer_budget)
+
+        return select_coupled(scores, neuron_groups, config)
     groups = head_groups or {}
     budgets = {name: layer_budget(s.numel(), config, name) for name, s in scores.items()}
     if config.scope == "per_layer":

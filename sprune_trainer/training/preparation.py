@@ -25,7 +25,7 @@ from ..layers.surgery import inject_slices, layers_to_quantize, sliced_modules
 from ..layers.targets import find_target_layers
 from ..scoring.heads import head_groups
 from ..scoring.importance import score_neurons
-from ..scoring.selection import layer_budget, select_neurons
+from ..scoring.selection import coupled_groups, layer_budget, select_neurons
 from .coverage import warn_uncovered
 from .summary import format_summary, selection_summary, summary_metrics, warn_unscored_layers
 
@@ -39,7 +39,7 @@ class SlicePreparationMixin:
         cfg = self.sparse_config
         layers = find_target_layers(self.model, cfg.target_modules)
         for name, layer in layers.items():
-            layer_budget(linear_shape(layer)[0 if cfg.axis == "rows" else 1], cfg, name)
+            layer_budget(linear_shape(layer)[1 if cfg.axis == "columns" else 0], cfg, name)  # coupled: rows' budget
         head_groups(self.model, layers, cfg)  # head_balanced without heads to balance: fail before scoring
         if cfg.importance in DATA_IMPORTANCE_NAMES and self.train_dataset is None:
             raise ValueError(f"importance={cfg.importance!r} scores neurons on training batches: pass train_dataset")
@@ -122,7 +122,8 @@ class SlicePreparationMixin:
         scores = _sum_over_ranks(scores, self.args.device)
         if self.is_world_process_zero():
             warn_unscored_layers(scores, cfg.importance)
-        return _same_on_every_rank(select_neurons(scores, cfg, head_groups(self.model, layers, cfg)))
+        return _same_on_every_rank(select_neurons(scores, cfg, head_groups(self.model, layers, cfg),
+                                                  coupled_groups(self.model, layers, cfg)))
 
     def _calibration_loss(self, model, batch) -> torch.Tensor:
         try:

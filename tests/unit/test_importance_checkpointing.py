@@ -68,13 +68,13 @@ def test_each_layer_is_finished_once_its_gradient_arrived(monkeypatch, extra, us
     events = []
     term, finish = cls.batch_term, cls.finish
 
-    def recording_term(self, layer, x, y, g):
+    def recording_term(self, layer, x, y, g, axis):
         events.append(("term", layer))
-        return term(self, layer, x, y, g)
+        return term(self, layer, x, y, g, axis)
 
-    def recording_finish(self, layer, total):
+    def recording_finish(self, layer, total, axis):
         events.append(("finish", layer))
-        return finish(self, layer, total)
+        return finish(self, layer, total, axis)
 
     monkeypatch.setattr(cls, "batch_term", recording_term)
     monkeypatch.setattr(cls, "finish", recording_finish)

@@ -106,10 +106,10 @@ def test_kept_tensors_die_with_their_layers_backward(monkeypatch):
     alive_after_use = []
     original = importance_module.TaylorImportance.batch_term
 
-    def checking_batch_term(self, layer, x, y, g):
+    def checking_batch_term(self, layer, x, y, g, axis):
         alive_after_use.append(sum(r() is not None for r in consumed))
         consumed.append(weakref.ref(y))
-        return original(self, layer, x, y, g)
+        return original(self, layer, x, y, g, axis)
 
     monkeypatch.setattr(importance_module.TaylorImportance, "batch_term", checking_batch_term)
     score_neurons(model, linears(model), cfg("taylor", calibration_micro_batch_size=1), padded_batches(n=1),

@@ -142,10 +142,11 @@ def test_a_rebuild_that_is_not_exact_falls_back_with_a_warning(monkeypatch):
 def test_rebuild_is_on_by_default_for_rows_only():
     assert SparseNeuronConfig(neurons_per_layer=2).recomputes_slice_inputs
     assert not SparseNeuronConfig(neurons_per_layer=2, axis="columns").recomputes_slice_inputs
+    assert SparseNeuronConfig(neurons_per_layer=2, axis="coupled").recomputes_slice_inputs  # its row slices
     assert not SparseNeuronConfig(neurons_per_layer=2, recompute_slice_inputs=False).recomputes_slice_inputs
     with pytest.raises(ValueError, match="recompute_slice_inputs must be True, False or None"):
         SparseNeuronConfig(neurons_per_layer=2, recompute_slice_inputs="yes")
-    with pytest.raises(ValueError, match="recompute_slice_inputs applies to axis='rows'"):
+    with pytest.raises(ValueError, match="recompute_slice_inputs applies to row slices"):
         SparseNeuronConfig(neurons_per_layer=2, axis="columns", recompute_slice_inputs=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning on the supported structures
