@@ -209,7 +209,7 @@ def tiny_qwen(tmp_path_factory):
               "--data_dir", data, "--max_train_samples", "8"]
     all_phases = sweep.main(common + ["--phase", "all", "--only", "columns-|zero_shot"], t0=time.time())
     picked = json.loads((out / "tuned_lr.json").read_text())["families"]["sparse_columns"]["config"]
-    solo = sweep.main(common + ["--phase", "solo", "--only", f"-{picked}-"], t0=time.time())
+    solo = sweep.main(common + ["--phase", "solo", "--only", f"{picked}-lr"], t0=time.time())
     return {"out": out, "model": model, "all": all_phases, "solo": solo}
 
 
