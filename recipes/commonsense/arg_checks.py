@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from . import sources
+from . import merging, sources
 
 
 def check_choices(*args) -> None:
@@ -53,6 +53,11 @@ def check_flags(model_args, data_args, sparse_config, train_args) -> None:
     if sparse_config.quantize_base and (m.method != "sparse" or quantized):
         raise ValueError(f"--quantize_base {sparse_config.quantize_base}: quantizes a full-precision base for "
                          "--method sparse; for QLoRA pass --method lora --load_in_4bit true instead.")
+    if d.eval_merged_nf4:
+        merging.check(m.method, m.load_in_4bit, sparse_config.quantize_base)
+        if not d.eval_after or not t.do_train:
+            raise ValueError("--eval_merged_nf4 evaluates the trained model again after merging it: it needs "
+                             "--do_train true and --eval_after true.")
 
     _count("max_train_samples", d.max_train_samples, all_value=-1)
     _count("max_eval_samples", d.max_eval_samples, all_value=-1)

@@ -35,8 +35,9 @@ from benchmarks.report import write_json  # noqa: E402
 
 PHASES = ("test", "tune")  # the phases with accuracy tables (a study's "solo" phase has its own)
 COLOURS = {"full": "#4c4c4c", "lora": "#1f77b4", "dora": "#9467bd", "sparse_rows": "#d62728",
-           "sparse_columns": "#ff7f0e", "zero_shot": "#bcbd22"}
+           "sparse_columns": "#ff7f0e", "sparse_coupled": "#8c564b", "zero_shot": "#bcbd22"}
 SHARED = "†"  # marks memory / speed measured while runs shared the GPU, where a solo value is missing
+MERGED = "after_merged_nf4"  # a run's evaluation after merging into the NF4 base (recipes/commonsense/merging.py)
 
 
 def load_runs(out: str | Path) -> list[dict]:
@@ -78,6 +79,9 @@ def _row(phase: str, config: str, lr, family: str, members: list[dict]) -> dict:
     extras = [e for r in members if (e := evaluation(r["results"], extra=True))]
     trains = [r["results"].get("training") or {} for r in members]
     params = [t.get("trainable_params") for t in trains]
+    # --eval_merged_nf4 runs: the same evaluation after merging into the NF4 base (the key only where there are any)
+    merged = {key: _accuracies(evals) for key, name in (("merged", MERGED), ("merged_extra", MERGED + "_extra"))
+              if (evals := [r["results"][name] for r in members if r["results"].get(name)])}
     return {
         "phase": phase, "config": config, "family": family, "learning_rate": lr,
         "n_seeds": len(members), "seeds": [r["meta"]["seed"] for r in members],
@@ -89,6 +93,7 @@ def _row(phase: str, config: str, lr, family: str, members: list[dict]) -> dict:
         "expected_trainable_params": members[0]["meta"].get("expected_trainable_params") if members else None,
         **training_means(trains),
         "run_time_s": _mean([r["results"].get("total_time_s") for r in members]),
+        **merged,
     }
 
 
@@ -208,6 +213,9 @@ def write_csv(table: dict[str, list[dict]], path: Path, study: Study = SMOLLM2,
             + ["extra_average_mean", "extra_average_std", "extra_choice_average_mean", "extra_choice_average_std"]
             + ["no_answer_rate", "trainable_params", "peak_memory_mib", "tokens_per_second", "train_runtime_s"]
             + list(_study_columns(study)))
+    merged = any(r.get("merged") for r in rows)  # columns only where a run was merged into NF4
+    if merged:
+        head += [f"{key}_{metric}_{part}" for key, metric in MERGED_CSV for part in ("mean", "std")]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
@@ -225,8 +233,68 @@ def write_csv(table: dict[str, list[dict]], path: Path, study: Study = SMOLLM2,
                       _nan_blank(e["choice_average"].get("mean")), _nan_blank(e["choice_average"].get("std"))]
             cells += [r["no_answer_rate"], r["trainable_params"], r["peak_memory_mib"], r["tokens_per_second"],
                       r["train_runtime_s"]] + _study_cells(r, study, solo_rows, tuned)
+            if merged:
+                cells += [_nan_blank(_stat(r, key, metric, part)) for key, metric in MERGED_CSV
+                          for part in ("mean", "std")]
             w.writerow(["" if c is None else c for c in cells])
     return path
+
+
+MERGED_CSV = (("merged", "average"), ("merged", "choice_average"), ("merged_extra", "average"),
+              ("merged_extra", "choice_average"))
+
+
+def _stat(r: dict, key: str, metric: str, part: str = "mean"):
+    """r[key][metric][part], None where the row has none."""
+    return ((r.get(key) or {}).get(metric) or {}).get(part)
+
+
+def merged_table(rows: list[dict]) -> Optional[tuple[str, list[str], list[list[str]]]]:
+    """(title, head, rows) comparing each --eval_merged_nf4 config's evaluation after training with the one after
+    merging into NF4 (mean ± std over seeds; change of the means, points); None without such rows."""
+    rows = [r for r in rows if r.get("merged")]
+    if not rows:
+        return None
+
+    def change(before, after) -> str:
+        return "" if _nan_blank(before) is None or _nan_blank(after) is None else f"{100 * (after - before):+.1f}"
+
+    out = []
+    for r in rows:
+        cells = config_cells(r)
+        for key, metric in (("", "average"), ("", "choice_average"), ("extra", "choice_average")):
+            before = (r if not key else r.get(key) or {}).get(metric) or {"mean": None, "std": None}
+            after = (r.get("merged" + (f"_{key}" if key else "")) or {}).get(metric) or {"mean": None, "std": None}
+            cells += [pm_cell(before), pm_cell(after), change(before["mean"], after["mean"])]
+        out.append(cells)
+    head = ["config", "lr", "seeds"] + [f"{what} {when}" for what in ("generation", "ranked", "further eval, ranked")
+                                        for when in ("before merge", "after merge", "change")]
+    return ("After merging the update back into the NF4 base (--eval_merged_nf4; accuracy %, the same items)", head,
+            out)
+
+
+def equal_memory_table(rows: list[dict], study: Study, solo_rows: dict[str, dict]
+                       ) -> Optional[tuple[str, list[str], list[list[str]]]]:
+    """(title, head, rows) of the study's equal-memory pairs: each config's and its reference's own peak memory in
+    their test runs (torch's max allocated per process: valid while runs share the GPU), the solo peak where one
+    exists, trainable params and test average; None when no pair has a test row."""
+    by = {r["config"]: r for r in rows}
+    out = []
+    for config, ref in study.equal_memory:
+        if config not in by:
+            continue
+        for name in (config, ref):
+            r = by.get(name)
+            if r is None:
+                continue
+            solo_peak = (solo_rows.get(name) or {}).get("peak_memory_mib")
+            out.append([name, str(r["n_seeds"]), fmt_cell(r["peak_memory_mib"], ",.0f"), fmt_cell(solo_peak, ",.0f"),
+                        fmt_cell(r["trainable_params"], ",.0f"), pm_cell(r["average"]), pm_cell(r["choice_average"])])
+    if not out:
+        return None
+    return ("Equal memory: peak MiB of the test runs themselves (torch max allocated per process, mean over seeds; "
+            "valid while runs share the GPU), next to the solo peak",
+            ["config", "seeds", "test-run peak MiB", "solo peak MiB", "trainable params", "average", "ranked"], out)
 
 
 def config_cells(r: dict) -> list[str]:
@@ -286,6 +354,10 @@ def markdown(table: dict[str, list[dict]], tuned: Optional[dict] = None, checks:
                 ["config", "lr", "seeds", "ranked"] + tasks,
                 [[*config_cells(r), pm_cell(r["choice_average"]), *_task_cells(r["choice_tasks"], tasks)]
                  for r in ranked]))
+        if phase == "test":
+            for part in (merged_table(rows), equal_memory_table(rows, study, solo_rows)):
+                if part:
+                    parts.append(md_table(*part))
         extra = [r for r in rows if r.get("extra")]
         if extra:
             etasks = list(dict.fromkeys(t for r in extra for t in r["extra"]["tasks"]))

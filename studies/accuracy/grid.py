@@ -13,6 +13,10 @@ intermediate 1536, 30 layers, 9 heads / 3 kv heads of 64): LoRA r16 = 4,884,480;
 For Qwen2.5-Coder-1.5B (hidden 1536, intermediate 8960, 28 layers, 12 heads / 2 kv heads of 128; q/k/v biases,
 which neither LoRA nor the sparse slices train): LoRA r16 = 18,464,768, DoRA r16 = 19,109,888; rows 508,928 per
 k -> 36 (18,321,408); columns 645,120 per k -> 28 (18,063,360).
+Coupled neurons (axis "coupled": an MLP neuron is its gate/up rows and its down column, an attention channel its
+v_proj row and o_proj columns, or its k_proj row and q_proj rows) take the rows' k: the library fills each layer
+with whole groups up to k rows' worth of weights of every targeted linear, so the count is <= the rows' and depends
+on the selection (expected_params None).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import Iterable, Mapping, Optional
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IMPORTANCES = ("random", "l2", "taylor", "hessian", "zeroth_order")
 SCOPES = ("per_layer", "global")
-AXES = ("rows", "columns")
+AXES = ("rows", "columns")  # the SmolLM2 grid's; "coupled" (configs of the qwen15 study) budgets as rows
 
 BUDGET_RANK = 16  # the sparse configs match LoRA r16's trainable-parameter count
 TUNE_SEED = 1
@@ -120,12 +124,55 @@ def lora_config(shape: LlamaShape, r: int, method: str = "lora", dropout: float 
 
 
 def sparse_config(shape: LlamaShape, importance: str, scope: str, axis: str, calibration_batches: int,
-                  budget_rank: int = BUDGET_RANK) -> Config:
-    k = budget_neurons(shape, axis, lora_params(shape, budget_rank))
+                  budget_rank: int = BUDGET_RANK, k: Optional[int] = None) -> Config:
+    """k: neurons per layer (default: the largest at LoRA r`budget_rank`'s count; axis "coupled" takes the rows' k,
+    its count depends on the selection)."""
+    counted = axis != "coupled"
+    k = k or budget_neurons(shape, axis if counted else "rows", lora_params(shape, budget_rank))
     return Config(f"sparse_{importance}_{scope}_{axis}", f"sparse_{axis}",
                   ("--method", "sparse", "--importance", importance, "--scope", scope, "--axis", axis,
                    "--neurons_per_layer", str(k), "--calibration_batches", str(calibration_batches)),
-                  sparse_params(shape, k, axis) if scope == "per_layer" else None)
+                  sparse_params(shape, k, axis) if scope == "per_layer" and counted else None)
+
+
+def variant(config: Config, suffix: str, flags: tuple[str, ...], expected_params: Optional[int] = None,
+            neurons_per_layer: Optional[int] = None) -> Config:
+    """`config` under the name `<name>_<suffix>` with more recipe flags (the later flag wins), in its family (so it
+    runs at the family's tuned lr without a tuning of its own); neurons_per_layer replaces the config's k.
+    expected_params None keeps the config's count when k is kept, else None."""
+    base = list(config.flags)
+    if neurons_per_layer is not None:
+        base[base.index("--neurons_per_layer") + 1] = str(neurons_per_layer)
+    keep = config.expected_params if neurons_per_layer is None else None
+    return Config(f"{config.name}_{suffix}", config.family, (*base, *flags),
+                  expected_params if expected_params is not None else keep)
+
+
+def qlora_config(shape: LlamaShape, r: int, dropout: float = 0.05, flags: tuple[str, ...] = ()) -> Config:
+    """LoRA r on a base loaded in 4-bit NF4 (QLoRA; the recipe's --load_in_4bit), in the lora family (its lr);
+    `flags`: more recipe flags."""
+    lora = lora_config(shape, r, "lora", dropout)
+    return Config(f"q{lora.name}", "lora", (*lora.flags, "--load_in_4bit", "true", *flags), lora.expected_params)
+
+
+# Bytes a trained number costs while training (fp32 slice + its fp32 gradient + Adam's two fp32 moments = 16, plus
+# the bf16 copy of the slice that autocast keeps for backward, docs/performance.md), and a column slice's saved input:
+# x[..., J], bf16, per token and targeted linear.
+BYTES_PER_TRAINED_NUMBER = 4 + 4 + 8 + 2
+BYTES_PER_SAVED_INPUT = 2
+
+
+def equal_memory_columns_k(shape: LlamaShape, target_peak: int, columns_peak: int, columns_k: int,
+                           tokens_per_step: int) -> int:
+    """The per-layer columns k whose peak memory reaches `target_peak` (bytes), from a measured columns peak at
+    `columns_k`: each further k adds its trained numbers' state and its saved inputs at the step's tokens,
+        per k = BYTES_PER_TRAINED_NUMBER * sparse_params(shape, 1, "columns")
+              + BYTES_PER_SAVED_INPUT * tokens_per_step * layers * targeted linears,
+    rounded down (<= the target) and capped at the narrowest layer's columns."""
+    per_k = (BYTES_PER_TRAINED_NUMBER * sparse_params(shape, 1, "columns")
+             + BYTES_PER_SAVED_INPUT * tokens_per_step * shape.layers * len(shape.linears()))
+    k = columns_k + (target_peak - columns_peak) // per_k
+    return max(1, min(k, min(d_in for d_in, _ in shape.linears().values())))
 
 
 def configs(shape: LlamaShape, calibration_batches: int, lora_dropout: float = 0.05) -> dict[str, Config]:

@@ -190,6 +190,8 @@ def summary_of(job: Job) -> str:
     label = "val" if job.meta.get("phase") == "tune" else "test"
     after = run_results.evaluation(res) or {}
     acc = f"{label} avg {100 * after['average']:.1f}%" if "average" in after else "no eval"
+    if (res.get(aggregate.MERGED) or {}).get("average") is not None:
+        acc += f" (merged into NF4 {100 * res[aggregate.MERGED]['average']:.1f}%)"
     if job.meta.get("phase") == "solo":
         acc = (f"peak {(tr.get('peak_memory') or {}).get('bytes', 0) / 2**20:,.0f} MiB  "
                f"{tr.get('tokens_per_second') or 0:,.0f} tok/s")
@@ -264,6 +266,11 @@ def main(argv=None, t0: Optional[float] = None) -> dict:
                 lrs = {f: args.lr for f in study.lr_grids}
             elif tuned is not None:
                 lrs = tuning.lrs_of(tuned)
+                untuned = [f for f in study.lr_grids if f not in lrs]  # a family added after this tuning ran
+                if untuned:
+                    log(f"{tuned_path} has no lr for {untuned} (their tune phase has not run): the middle of "
+                        "their grids")
+                    lrs.update({f: study.default_lr(f) for f in untuned})
             elif args.dry_run:
                 lrs = {f: study.default_lr(f) for f in study.lr_grids}
                 print(f"# no {tuned_path}: the test runs below show each grid's middle lr and first candidate")

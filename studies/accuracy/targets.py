@@ -6,7 +6,10 @@
 - Targets on the test average, for generation accuracy and for ranked-label accuracy: ours (the best sparse
   config) against the study's references (studies.py; issue 8: >= LoRA r16 + 1, >= DoRA r8 - 0.5, >= full FT;
   issue 17: >= LoRA r16, >= DoRA r16 - 0.5, >= full FT - 1); and the best importance criterion beats `random` at
-  the same scope and axis by more than the seed std (pooled over the two configs).
+  the same scope and axis by more than the seed std (pooled over the two configs). Configs a study lists in
+  not_ours (above LoRA's trainable count, sized to its memory instead; on an NF4 base at one seed) are never "ours".
+  A study's pair targets compare two named configs (issue 17: random columns at 8 bytes per trained number >= the
+  same config at 16 - 0.3).
 """
 from __future__ import annotations
 
@@ -92,13 +95,17 @@ def issue_targets(test_rows: list[dict], study: Study = SMOLLM2) -> list[dict]:
     by_config = {r["config"]: r for r in test_rows}
     checks = []
     for metric in METRICS:
-        sparse = [r for r in test_rows if r["family"].startswith("sparse") and _is_set(r, metric)]
+        sparse = [r for r in test_rows if r["family"].startswith("sparse") and _is_set(r, metric)
+                  and r["config"] not in study.not_ours]
         if not sparse:
             continue
         best = max(sparse, key=lambda r: r[metric]["mean"])
         for name, ref, need in study.targets:
             if _is_set(by_config.get(ref), metric):
                 checks.append(_check(name, metric, best, by_config[ref], need))
+        for name, config, ref, need in study.pair_targets:
+            if _is_set(by_config.get(config), metric) and _is_set(by_config.get(ref), metric):
+                checks.append(_check(name, metric, by_config[config], by_config[ref], need))
         criteria = [r for r in sparse if not r["config"].startswith("sparse_random_")
                     and _is_set(by_config.get(random_twin(r["config"])), metric)]  # those with a random twin
         if criteria:

@@ -54,7 +54,11 @@
 #   env: ACC_BUDGET / ACC_DEADLINE (s, default 500 / 545), ACC_PARALLEL (slots of ~12 GiB, default 11: full FT and
 #        DoRA take 4, LoRA 3, sparse runs 2),
 #        ACC_ATTN (the recipe's --attn_implementation, e.g. sdpa; default: not passed), ACC_EXTRA (more sweep.py
-#        flags, e.g. "--only 'solo-full'")
+#        flags, e.g. "--only solo-full"; split on spaces and not unquoted: no quotes, spaces or glob characters inside
+#        a value)
+#   the second round only (studies.QWEN15_NEW_RUNS; the same env on every call, in case a call resumes it):
+#     ACC_PHASES="tune test" ACC_EXTRA="--only coupled|_8byte|_eqmem|_nf4|qlora" ACC_BUDGET=<device s left - 120> \
+#       bash studies/device/device_run.sh qwen15-bg      (+ ACC_PARALLEL=6 on an H100; the NF4 runs need bitsandbytes)
 #   Each call starts from /tmp/accuracy_qwen15 (kept while the machine stays warm) merged with the runs committed
 #   in studies/accuracy/results/qwen15, and returns the whole folder as $OUT/results.tgz (accuracy_qwen15/).
 # Results come back as $OUT/results.tgz (outputs/device/ elsewhere): unpack, then commit them under

@@ -4,6 +4,7 @@ and order, the command lines the recipe's own parser reads, the one-study-per-fo
 columns config on validation, and end to end on the CPU (a tiny Qwen2 with q/k/v biases): tune -> pick -> test ->
 solo through sweep.py --smoke, checked against the runs' own results.json."""
 import json
+import re
 import shlex
 import time
 
@@ -65,9 +66,14 @@ def test_budgets_match_what_peft_and_the_slices_train_on_the_real_qwen2_shapes()
         assert count_parameters(m)[0] == grid.sparse_params(two, k, axis) == grid.sparse_params(shape, k, axis) // 14
 
 
+def _first_round(runs):
+    """The runs of the committed first round (studies.QWEN15_NEW_RUNS selects the second)."""
+    return [r for r in runs if not re.search(studies.QWEN15_NEW_RUNS, r.name)]
+
+
 def test_run_list_order_picks_slots_and_solo():
     cfgs = QWEN15.configs(grid.QWEN25_CODER_15B, calibration_batches=50)
-    tune = QWEN15.tune_runs(cfgs)
+    tune = _first_round(QWEN15.tune_runs(cfgs))
     assert len(tune) == 23 and {r.seed for r in tune} == {1}
     # one lr of every family (both columns candidates), then the next lr
     assert [r.name for r in tune[:6]] == ["tune-full-lr2e-6-s1", "tune-lora_r16-lr1e-4-s1", "tune-dora_r16-lr1e-4-s1",
@@ -79,8 +85,9 @@ def test_run_list_order_picks_slots_and_solo():
     # the runs of the earlier grids keep their names, so the committed tune phase is resumed, not redone
     assert {r.name for r in tune} >= {"tune-full-lr5e-6-s1", "tune-full-lr1e-5-s1", "tune-full-lr5e-5-s1",
                                       "tune-lora_r16-lr1e-3-s1", "tune-sparse_l2_per_layer_rows-lr1e-3-s1"}
-    lrs = {"full": 2e-5, "lora": 1e-4, "dora": 3e-4, "sparse_rows": 1e-3, "sparse_columns": 1e-4}
-    test = QWEN15.test_runs(cfgs, lrs, {"sparse_columns": "sparse_taylor_per_layer_columns"})
+    lrs = {"full": 2e-5, "lora": 1e-4, "dora": 3e-4, "sparse_rows": 1e-3, "sparse_columns": 1e-4,
+           "sparse_coupled": 3e-4}
+    test = _first_round(QWEN15.test_runs(cfgs, lrs, {"sparse_columns": "sparse_taylor_per_layer_columns"}))
     assert len(test) == 27 == len({r.name for r in test}) and [r.seed for r in test] == [1] * 9 + [2] * 9 + [3] * 9
     assert [r.name for r in test[:9]] == [
         "test-zero_shot-s1", "test-full-lr2e-5-s1", "test-lora_r16-lr1e-4-s1", "test-dora_r16-lr3e-4-s1",
@@ -90,9 +97,9 @@ def test_run_list_order_picks_slots_and_solo():
     zero = test[0]
     assert zero.lr is None and "--learning_rate" not in zero.flags() and zero.meta()["learning_rate"] is None
     # no pick yet: the first candidate
-    assert QWEN15.test_runs(cfgs, lrs, {}, seeds=[1])[-1].config.name == "sparse_random_per_layer_columns"
+    assert _first_round(QWEN15.test_runs(cfgs, lrs, {}, seeds=[1]))[-1].config.name == "sparse_random_per_layer_columns"
     assert [QWEN15.run_slots(r.config) for r in test[:5]] == [1, 4, 3, 4, 2]  # slots of ~12 GiB
-    solo = QWEN15.solo_runs(cfgs)  # both columns candidates (no tuning needed), no zero-shot
+    solo = _first_round(QWEN15.solo_runs(cfgs))  # both columns candidates (no tuning needed), no zero-shot
     assert [r.config.name for r in solo][-2:] == ["sparse_random_per_layer_columns", "sparse_taylor_per_layer_columns"]
     assert len(solo) == 9 and all(r.seed == 1 and r.lr == QWEN15.default_lr(r.config.family) for r in solo)
 
@@ -112,9 +119,10 @@ def test_command_lines_parse_with_the_recipe_to_the_study_values(tmp_path, capsy
     common = ["--study", "qwen15", "--dry_run", "--out", str(tmp_path / "o"), "--model_name_or_path",
               str(tmp_path / "none"), "--data_dir", str(tmp_path)]
     runs = _dry_run(capsys, common)
-    assert runs["counts"] == {"tune": 23, "test": 27} and len(runs["argv"]) == 50
+    # the first round's 23 + 27, and the second's 2 tune + 4 configs x 3 seeds + 3 NF4 runs at seed 1
+    assert runs["counts"] == {"tune": 25, "test": 42} and len(runs["argv"]) == 67
     solo = _dry_run(capsys, common + ["--phase", "solo"])
-    assert solo["counts"] == {"solo": 9} and not (tmp_path / "o").exists()  # a dry run writes nothing
+    assert solo["counts"] == {"solo": 13} and not (tmp_path / "o").exists()  # a dry run writes nothing
 
     def parse(name):
         argv = {**runs["argv"], **solo["argv"]}[name]
@@ -199,9 +207,9 @@ def tiny_qwen(tmp_path_factory):
     out = root / "sweep"
     common = ["--study", "qwen15", "--smoke", "--parallel", "2", "--out", str(out), "--model_name_or_path", model,
               "--data_dir", data, "--max_train_samples", "8"]
-    all_phases = sweep.main(common + ["--phase", "all", "--only", "columns|zero_shot"], t0=time.time())
+    all_phases = sweep.main(common + ["--phase", "all", "--only", "columns-|zero_shot"], t0=time.time())
     picked = json.loads((out / "tuned_lr.json").read_text())["families"]["sparse_columns"]["config"]
-    solo = sweep.main(common + ["--phase", "solo", "--only", picked], t0=time.time())
+    solo = sweep.main(common + ["--phase", "solo", "--only", f"{picked}-lr"], t0=time.time())
     return {"out": out, "model": model, "all": all_phases, "solo": solo}
 
 
