@@ -155,7 +155,7 @@ QWEN15_COLUMNS = ("random", "taylor")
 # sweep runs it: coupled neurons (the library's axis "coupled", at the rows' k; their own lr family, tuned on random
 # only), random columns at 8 bytes per trained number (bf16 slices, int8 moments, compensated updates: the same config
 # as the tuned random columns, so its lr), random columns at LoRA r16's peak memory (its k below), then last, seed 1
-# only, the NF4 merge: QLoRA r16 and random columns on an NF4 base (with and without the low-quantization-error start),
+# only, the NF4 merge: QLoRA r16 and random rows on an NF4 base (with and without the low-quantization-error start),
 # each evaluated after training and again after merging back into NF4 (the recipe's --eval_merged_nf4).
 QWEN15_COUPLED = ("random", "taylor")
 QWEN15_8BYTE = ("--slice_dtype", "bfloat16", "--optimizer_state", "int8", "--compensated_update", "true")
@@ -171,7 +171,7 @@ QWEN15_LORA_PEAK, QWEN15_COLUMNS_PEAK, QWEN15_COLUMNS_K = 24_965_415_936, 19_205
 QWEN15_TOKENS_PER_STEP = 16 * 256
 QWEN15_NEW = ("sparse_random_per_layer_coupled", "sparse_taylor_per_layer_coupled",
               "sparse_random_per_layer_columns_8byte", "sparse_random_per_layer_columns_eqmem")
-QWEN15_NF4 = ("qlora_r16", "sparse_random_per_layer_columns_nf4", "sparse_random_per_layer_columns_nf4_init")
+QWEN15_NF4 = ("qlora_r16", "sparse_random_per_layer_rows_nf4", "sparse_random_per_layer_rows_nf4_init")
 # sweep.py --only: exactly the second round's runs (tune, test and solo names)
 QWEN15_NEW_RUNS = "coupled|_8byte|_eqmem|_nf4|qlora"
 
@@ -183,15 +183,18 @@ def qwen15_configs(shape: LlamaShape, calibration_batches: int, lora_dropout: fl
     out += [grid.sparse_config(shape, i, "per_layer", "columns", calibration_batches) for i in QWEN15_COLUMNS]
     out += [grid.sparse_config(shape, i, "per_layer", "coupled", calibration_batches) for i in QWEN15_COUPLED]
     columns = next(c for c in out if c.name == "sparse_random_per_layer_columns")  # the tuned pick
+    rows = next(c for c in out if c.name == "sparse_random_per_layer_rows")
     k = grid.equal_memory_columns_k(shape, QWEN15_LORA_PEAK, QWEN15_COLUMNS_PEAK, QWEN15_COLUMNS_K,
                                     QWEN15_TOKENS_PER_STEP)
     merged = ("--eval_merged_nf4", "true")
     out += [grid.variant(columns, "8byte", QWEN15_8BYTE),
             grid.variant(columns, "eqmem", (), grid.sparse_params(shape, k, "columns"), neurons_per_layer=k),
             grid.qlora_config(shape, 16, lora_dropout, merged),
-            grid.variant(columns, "nf4", ("--quantize_base", "nf4", *merged)),
-            grid.variant(columns, "nf4_init", ("--quantize_base", "nf4", "--init_from_quantization_error", "true",
-                                               *merged))]
+            # rows on NF4, as the paper: a merged row re-quantizes only its own blocks (a column reaches a block
+            # of every row)
+            grid.variant(rows, "nf4", ("--quantize_base", "nf4", *merged)),
+            grid.variant(rows, "nf4_init", ("--quantize_base", "nf4", "--init_from_quantization_error", "true",
+                                            *merged))]
     return {c.name: c for c in out}
 
 

@@ -18,7 +18,7 @@ from studies.accuracy.studies import QWEN15, QWEN15_NEW_RUNS
 COMMITTED = REPO / "studies" / "accuracy" / "results" / "qwen15"
 SEED_1 = ["sparse_random_per_layer_coupled", "sparse_taylor_per_layer_coupled", "sparse_random_per_layer_columns_8byte",
           "sparse_random_per_layer_columns_eqmem"]
-NF4 = ["qlora_r16", "sparse_random_per_layer_columns_nf4", "sparse_random_per_layer_columns_nf4_init"]
+NF4 = ["qlora_r16", "sparse_random_per_layer_rows_nf4", "sparse_random_per_layer_rows_nf4_init"]
 
 
 def _committed_tuned() -> dict:
@@ -35,7 +35,8 @@ def _round2(tuned: dict) -> list[grid.Run]:
 def test_second_round_order_seed_1_of_every_config_first_nf4_last():
     runs = _round2(_committed_tuned())
     names = [r.name for r in runs]
-    lr = {c: "3e-4" for c in SEED_1 + NF4}  # coupled: the default until its tuning ran; the rest: tuned columns / LoRA
+    # coupled: the default until its tuning ran; the rest: tuned columns / LoRA / rows (the NF4 sparse runs)
+    lr = {c: "1e-4" if c.endswith(("rows_nf4", "rows_nf4_init")) else "3e-4" for c in SEED_1 + NF4}
     assert names == (["tune-sparse_random_per_layer_coupled-lr1e-4-s1", "tune-sparse_random_per_layer_coupled-lr3e-4-s1"]
                      + [f"test-{c}-lr{lr[c]}-s{s}" for s in (1, 2, 3) for c in SEED_1]
                      + [f"test-{c}-lr{lr[c]}-s1" for c in NF4])
@@ -44,7 +45,7 @@ def test_second_round_order_seed_1_of_every_config_first_nf4_last():
     # a coupled tuning that picked 1e-4 moves both coupled configs, and nothing else
     tuned = copy.deepcopy(_committed_tuned())
     tuned["families"]["sparse_coupled"] = {"lr": 1e-4, "config": "sparse_random_per_layer_coupled"}
-    moved = [r.name for r in _round2(tuned) if r.lr == 1e-4 and r.phase == "test"]
+    moved = [r.name for r in _round2(tuned) if r.lr == 1e-4 and r.phase == "test" and "nf4" not in r.name]
     assert moved == [f"test-sparse_{i}_per_layer_coupled-lr1e-4-s{s}" for s in (1, 2, 3) for i in ("random", "taylor")]
 
 
@@ -103,14 +104,14 @@ def test_second_round_configs_and_the_equal_memory_k():
     assert studies.QWEN15_LORA_PEAK / 2**20 == pytest.approx(23_809, abs=0.5)  # the solo table's MiB
     assert studies.QWEN15_COLUMNS_PEAK / 2**20 == pytest.approx(18_316, abs=0.5)
     assert eq.name in QWEN15.not_ours  # 16x LoRA's trainable count: never "ours" in the targets
-    # NF4: QLoRA in the lora family (LoRA's tuned lr), ours as the tuned random columns on an NF4 base
+    # NF4: QLoRA in the lora family (LoRA's tuned lr), ours as the tuned random rows on an NF4 base
     q = cfgs["qlora_r16"]
     assert q.family == "lora" and q.flags == (*cfgs["lora_r16"].flags, "--load_in_4bit", "true",
                                               "--eval_merged_nf4", "true")
-    assert cfgs["sparse_random_per_layer_columns_nf4"].flags == (*columns.flags, "--quantize_base", "nf4",
+    assert cfgs["sparse_random_per_layer_rows_nf4"].flags == (*cfgs["sparse_random_per_layer_rows"].flags, "--quantize_base", "nf4",
                                                                  "--eval_merged_nf4", "true")
-    assert cfgs["sparse_random_per_layer_columns_nf4_init"].flags == (
-        *columns.flags, "--quantize_base", "nf4", "--init_from_quantization_error", "true", "--eval_merged_nf4", "true")
+    assert cfgs["sparse_random_per_layer_rows_nf4_init"].flags == (
+        *cfgs["sparse_random_per_layer_rows"].flags, "--quantize_base", "nf4", "--init_from_quantization_error", "true", "--eval_merged_nf4", "true")
     # a tiny model (CI): the k is capped at its narrowest layer's columns
     tiny = grid.LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16)
     assert QWEN15.configs(tiny, 2)["sparse_random_per_layer_columns_eqmem"].expected_params == grid.sparse_params(
@@ -142,7 +143,8 @@ def test_the_device_selection_lists_exactly_the_second_round_and_the_recipe_read
         if "coupled" in name and "coupled" not in AXES:
             continue  # the library's axis="coupled" has not landed here yet
         m, d, s, t = llama_commonsense.parse_args(argv + ["--use_cpu", "true"])
-        assert (d.max_train_samples, t.seed, t.learning_rate) == (6000, int(name[-1]), 3e-4), name
+        want_lr = 1e-4 if name.startswith("tune") and "lr1e-4" in name or "rows_nf4" in name else 3e-4
+        assert (d.max_train_samples, t.seed, t.learning_rate) == (6000, int(name[-1]), want_lr), name
         if "_8byte" in name:
             assert (s.slice_dtype, s.optimizer_state, s.compensated_update, s.neurons_per_layer) == (
                 "bfloat16", "int8", True, 28)
@@ -152,7 +154,7 @@ def test_the_device_selection_lists_exactly_the_second_round_and_the_recipe_read
             assert (m.method, m.lora_r, m.load_in_4bit, d.eval_merged_nf4) == ("lora", 16, True, True)
         if "_nf4" in name:
             assert (s.quantize_base, s.init_from_quantization_error, d.eval_merged_nf4) == (
-                "nf4", name.startswith("test-sparse_random_per_layer_columns_nf4_init"), True)
+                "nf4", name.startswith("test-sparse_random_per_layer_rows_nf4_init"), True)
         assert d.eval_merged_nf4 == bool(re.search("nf4|qlora", name))
 
 
@@ -195,9 +197,9 @@ def test_aggregate_shows_before_and_after_the_nf4_merge_and_the_equal_memory_pea
         return edit
 
     qlora = _copy_run(dst, "test-lora_r16-lr3e-4-s1", "test-qlora_r16-lr3e-4-s1", "qlora_r16", "lora", merged(-0.05))
-    _copy_run(dst, "test-sparse_random_per_layer_columns-lr3e-4-s1",
-              "test-sparse_random_per_layer_columns_nf4_init-lr3e-4-s1",
-              "sparse_random_per_layer_columns_nf4_init", "sparse_columns", merged(-0.01))
+    _copy_run(dst, "test-sparse_random_per_layer_rows-lr1e-4-s1",
+              "test-sparse_random_per_layer_rows_nf4_init-lr1e-4-s1",
+              "sparse_random_per_layer_rows_nf4_init", "sparse_rows", merged(-0.01))
 
     def bigger(res):
         res["training"]["peak_memory"]["bytes"] = 24_000 * 2**20
@@ -219,11 +221,11 @@ def test_aggregate_shows_before_and_after_the_nf4_merge_and_the_equal_memory_pea
         return {line.split(" | ")[0].strip("| "): line.split(" | ") for line in block.splitlines()[2:]}
 
     rows = table("After merging the update back into the NF4 base")
-    assert set(rows) == {"qlora_r16", "sparse_random_per_layer_columns_nf4_init"}
+    assert set(rows) == {"qlora_r16", "sparse_random_per_layer_rows_nf4_init"}
     q = rows["qlora_r16"]
     before, after = 100 * qlora["after"]["average"], 100 * qlora["after"]["average"] - 5
     assert q[3:6] == [f"{before:.1f} ± 0.0", f"{after:.1f} ± 0.0", f"{after - before:+.1f}"]
-    o = rows["sparse_random_per_layer_columns_nf4_init"]
+    o = rows["sparse_random_per_layer_rows_nf4_init"]
     assert o[5] == "-1.0" and o[-1].strip(" |") == "-1.0"  # generation and further-eval ranked changes
 
     eq = table("Equal memory: peak MiB of the test runs themselves")
