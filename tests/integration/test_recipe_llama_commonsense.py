@@ -191,3 +191,15 @@ def test_recipe_extra_eval_refuses_repeats_of_the_test_files_and_other_sources(s
     assert "LLM-Adapters test files" in _usage_error(capsys, *base, "--extra_eval", "hellaswag,piqa")
     assert "needs --data_source local" in _usage_error(capsys, *base, "--extra_eval", "hellaswag",
                                                        "--validation_per_task", "1")
+
+
+def test_recipe_trains_coupled_neurons_and_reloads_them(setup, tmp_path):
+    out = tmp_path / "coupled"
+    res = _run(setup, out, "--method", "sparse", "--neurons_per_layer", "2", "--importance", "taylor",
+               "--axis", "coupled", "--calibration_batches", "2")
+    _check_run(setup, res, out)
+    assert 0 < res["training"]["trainable_params"] <= SPARSE_ROWS_2  # within the rows' budget at the same k
+    again = _run(setup, tmp_path / "coupled_eval", "--method", "sparse", "--do_train", "false", "--no_eval_before",
+                 "--adapter_dir", str(out / "adapter"))
+    assert [s["output"] for t in again["after"]["tasks"].values() for s in t["samples"]] == \
+           [s["output"] for t in res["after"]["tasks"].values() for s in t["samples"]]
