@@ -2,7 +2,9 @@
 the projections' names under one parent module.
 
     mlp          MLP hidden unit j: row j of the gate and up projections (gate_proj/up_proj, w1/w3) or of the one
-                 up projection (fc1, c_fc, dense_h_to_4h), and column j of the down projection
+                 up projection (fc1, c_fc, dense_h_to_4h), or rows j and d_ff + j of a fused gate_up_proj that
+                 chunks into [gate; up] (Phi-3, transformers' fused MoE experts with the default gate), and column j
+                 of the down projection
     value        value channel (g, c): row g*hd + c of v_proj, and the o_proj columns h*hd + c of every query head
                  h that reads key-value head g (GQA: heads g*rep ... (g+1)*rep - 1, as transformers' repeat_kv)
     query_key    query-key channel (g, c): row g*hd + c of k_proj, and the q_proj rows h*hd + c of those heads
@@ -23,8 +25,10 @@ from torch import nn
 from .linear_like import linear_shape
 
 # (producers, consumer) projection names of an MLP, gated first
-MLP_NAMES = ((("gate_proj", "up_proj"), "down_proj"), (("w1", "w3"), "w2"), (("up_proj",), "down_proj"),
-             (("fc1",), "fc2"), (("c_fc",), "c_proj"), (("dense_h_to_4h",), "dense_4h_to_h"))
+MLP_NAMES = ((("gate_proj", "up_proj"), "down_proj"), (("w1", "w3"), "w2"), (("gate_up_proj",), "down_proj"),
+             (("up_proj",), "down_proj"), (("fc1",), "fc2"), (("c_fc",), "c_proj"),
+             (("dense_h_to_4h",), "dense_4h_to_h"))
+FUSED_GATE_UP = "gate_up_proj"
 ATTENTION_OUTPUTS = ("o_proj", "out_proj", "dense")
 
 
@@ -79,13 +83,33 @@ def _mlp(parent: str, children: dict[str, nn.Module]) -> list[NeuronGroups]:
         if consumer not in children or not all(p in children for p in producers):
             continue
         hidden = linear_shape(children[consumer])[1]
-        if any(linear_shape(children[p])[0] != hidden for p in producers):
+        fused = producers == (FUSED_GATE_UP,)
+        if fused and not _gate_up_in_halves(children[FUSED_GATE_UP]):
+            return []
+        if any(linear_shape(children[p])[0] != hidden * (2 if fused else 1) for p in producers):
             return []
         unit = _column(hidden)
-        members = [_member(f"{parent}.{p}", children[p], "rows", unit) for p in producers]
+        rows = torch.cat([unit, unit + hidden], dim=1) if fused else unit  # [gate; up] halves
+        members = [_member(f"{parent}.{p}", children[p], "rows", rows) for p in producers]
         members.append(_member(f"{parent}.{consumer}", children[consumer], "columns", unit))
         return [NeuronGroups("mlp", block_of(members[0].name), tuple(members))]
     return []
+
+
+def _gate_up_in_halves(layer: nn.Module) -> bool:
+    """A fused gate_up projection's output chunks into [gate; up]: an nn.Linear (Phi-3's MLP does so), or an MoE
+    expert view whose experts module uses transformers' default gate (gpt-oss-like layouts interleave them)."""
+    owner = getattr(layer, "_owner", None)
+    if owner is None:
+        return True
+    apply_gate = getattr(type(owner), "_apply_gate", None)
+    if apply_gate is None:  # transformers before the method: the default chunk, inline
+        return True
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return False
+    return apply_gate is _default_apply_gate and getattr(owner, "is_concatenated", True)
 
 
 def _attention(parent: str, children: dict[str, nn.Module], heads: int | None, kv_heads: int | None

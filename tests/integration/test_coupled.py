@@ -194,3 +194,36 @@ def test_gpt2_couples_its_mlp_and_gives_fused_attention_rows():
 def test_options_that_do_not_combine_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         _coupled(**bad)
+
+
+def _fused_models():
+    from transformers import MixtralConfig, MixtralForCausalLM, Phi3Config, Phi3ForCausalLM
+    shape = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64, tie_word_embeddings=False)
+    return {"phi3": lambda: Phi3ForCausalLM(Phi3Config(**shape, intermediate_size=64, pad_token_id=0)),
+            "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**shape, intermediate_size=16, num_local_experts=4,
+                                                                num_experts_per_tok=2))}
+
+
+@pytest.mark.parametrize("family", ["phi3", "mixtral"])
+def test_a_fused_gate_up_unit_is_its_two_halves_and_reaches_only_its_down_column(family):
+    """Phi-3's gate_up_proj linear and a fused MoE expert's gate_up rows chunk into [gate; up]: unit j is rows j and
+    d_ff + j, and changing either moves the down projection's input only in column j."""
+    torch.manual_seed(0)
+    model = _fused_models()[family]().eval()
+    layers = find_target_layers(model)
+    mlps = [g for g in neuron_groups(model, layers) if g.kind == "mlp"]
+    assert len(mlps) == (2 if family == "phi3" else 2 * 4)  # Mixtral: one per expert of each layer
+    group = mlps[-1]
+    producer, consumer = group.members
+    assert producer.name.endswith("gate_up_proj") and consumer.name.endswith("down_proj")
+    hidden = consumer.shape[1]
+    assert producer.index[5].tolist() == [5, hidden + 5]
+    down = model.get_submodule(consumer.name)
+    for row in producer.index[5].tolist():
+        before = _input_of(down, model)
+        with torch.no_grad():
+            from sprune_trainer.layers.linear_like import linear_weight
+            linear_weight(model.get_submodule(producer.name))[row] += 1.0
+        changed = (_input_of(down, model) - before).reshape(-1, hidden).abs().amax(0) > 1e-6
+        assert changed.nonzero().flatten().tolist() == [5], row
