@@ -36,7 +36,7 @@ case ${1:-wait} in
     mkdir -p "$DIR" && cp -rn studies/accuracy/results/qwen15/. "$DIR"/
     echo $(( $(date +%s) + ${R2_BUDGET:?seconds} )) > /tmp/r2.end
     b=$R2_BUDGET
-    setsid nohup bash -c "$(declare -f sweep left); DIR=$DIR; sweep tune coupled $a $b && sweep test coupled $a \$(left)" \
+    setsid nohup bash -c "$(declare -f sweep left); DIR=$DIR; sweep tune coupled $a $b; sweep test coupled $a \$(left)" \
       > /tmp/r2.a.log 2>&1 < /dev/null & echo $! > /tmp/r2.a.pid
     setsid nohup bash -c "$(declare -f sweep); DIR=$DIR; sweep test '_8byte|_eqmem|_nf4|qlora' $((slots - a)) $b" \
       > /tmp/r2.b.log 2>&1 < /dev/null & echo $! > /tmp/r2.b.pid
