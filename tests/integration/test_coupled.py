@@ -208,22 +208,23 @@ def _fused_models():
 @pytest.mark.parametrize("family", ["phi3", "mixtral"])
 def test_a_fused_gate_up_unit_is_its_two_halves_and_reaches_only_its_down_column(family):
     """Phi-3's gate_up_proj linear and a fused MoE expert's gate_up rows chunk into [gate; up]: unit j is rows j and
-    d_ff + j, and changing either moves the down projection's input only in column j."""
+    d_ff + j, and changing either moves the down projection's input only in column j (transformers 4.x Mixtral:
+    per-expert w1 / w3 / w2 linears, coupled as gate / up / down)."""
+    from sprune_trainer.layers.linear_like import linear_weight
     torch.manual_seed(0)
     model = _fused_models()[family]().eval()
-    layers = find_target_layers(model)
-    mlps = [g for g in neuron_groups(model, layers) if g.kind == "mlp"]
+    mlps = [g for g in neuron_groups(model, find_target_layers(model)) if g.kind == "mlp"]
     assert len(mlps) == (2 if family == "phi3" else 2 * 4)  # Mixtral: one per expert of each layer
-    group = mlps[-1]
-    producer, consumer = group.members
-    assert producer.name.endswith("gate_up_proj") and consumer.name.endswith("down_proj")
+    *producers, consumer = mlps[-1].members
     hidden = consumer.shape[1]
-    assert producer.index[5].tolist() == [5, hidden + 5]
+    fused = len(producers) == 1
+    assert fused == producers[0].name.endswith("gate_up_proj") and consumer.axis == "columns"
     down = model.get_submodule(consumer.name)
-    for row in producer.index[5].tolist():
-        before = _input_of(down, model)
-        with torch.no_grad():
-            from sprune_trainer.layers.linear_like import linear_weight
-            linear_weight(model.get_submodule(producer.name))[row] += 1.0
-        changed = (_input_of(down, model) - before).reshape(-1, hidden).abs().amax(0) > 1e-6
-        assert changed.nonzero().flatten().tolist() == [5], row
+    for producer in producers:
+        assert producer.index[5].tolist() == ([5, hidden + 5] if fused else [5])
+        for row in producer.index[5].tolist():
+            before = _input_of(down, model)
+            with torch.no_grad():
+                linear_weight(model.get_submodule(producer.name))[row] += 1.0
+            changed = (_input_of(down, model) - before).reshape(-1, hidden).abs().amax(0) > 1e-6
+            assert changed.nonzero().flatten().tolist() == [5], (producer.name, row)
