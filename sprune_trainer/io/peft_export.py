@@ -20,9 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..layers.experts import ExpertLinear
-from ..layers.full_modules import PREFIX as FULL_PREFIX
+from ..layers.full_modules import PREFIX as FULL_PREFIX, modules_to_save
 from ..layers.linear_like import is_conv1d
-from ..layers.full_modules import modules_to_save
 from ..layers.sliced_linear import SlicedLinear
 from ..layers.surgery import CONFIG_ATTR, sliced_modules
 from .adapter import adapter_state, base_model_name_or_path, replace_atomically

@@ -115,9 +115,8 @@ def _gate_up_in_halves(layer: nn.Module) -> bool:
 def _attention(parent: str, children: dict[str, nn.Module], heads: int | None, kv_heads: int | None
                ) -> list[NeuronGroups]:
     out_name = next((o for o in ATTENTION_OUTPUTS if o in children), None)
-    if out_name is None or not all(p in children for p in ("q_proj", "k_proj", "v_proj")) or not heads:
+    if out_name is None or not all(p in children for p in ("q_proj", "k_proj", "v_proj")) or not (heads and kv_heads):
         return []
-    kv_heads = kv_heads or heads
     q, k, v, o = (children[n] for n in ("q_proj", "k_proj", "v_proj", out_name))
     width = linear_shape(q)[0]
     if width % heads or heads % kv_heads:
@@ -135,12 +134,16 @@ def _attention(parent: str, children: dict[str, nn.Module], heads: int | None, k
                                               _member(f"{parent}.q_proj", q, "rows", query_columns)))]
 
 
-def _head_counts(model: nn.Module) -> tuple[int | None, int | None]:
+def head_count(model: nn.Module, attribute: str):
+    """`attribute` (num_attention_heads / num_key_value_heads) of the model's (text) config, or None; configs
+    without GQA fields have one key-value head per head."""
     config = getattr(model, "config", None)
     get_text = getattr(config, "get_text_config", None)
     config = get_text() if callable(get_text) else config
-    heads = getattr(config, "num_attention_heads", None)
-    return heads, getattr(config, "num_key_value_heads", None) or heads
+    n = getattr(config, attribute, None)
+    if n is None and attribute == "num_key_value_heads":
+        n = getattr(config, "num_attention_heads", None)
+    return n
 
 
 def neuron_groups(model: nn.Module, layers: dict[str, nn.Module]) -> list[NeuronGroups]:
@@ -150,7 +153,7 @@ def neuron_groups(model: nn.Module, layers: dict[str, nn.Module]) -> list[Neuron
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         by_parent.setdefault(parent, {})[child] = layer
-    heads, kv_heads = _head_counts(model)
+    heads, kv_heads = head_count(model, "num_attention_heads"), head_count(model, "num_key_value_heads")
     groups: list[NeuronGroups] = []
     for parent, children in by_parent.items():
         groups += _attention(parent, children, heads, kv_heads) + _mlp(parent, children)

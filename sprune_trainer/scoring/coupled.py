@@ -13,19 +13,19 @@ import torch
 
 from ..config import SparseNeuronConfig
 from ..layers.neuron_groups import NeuronGroups
-from .selection import layer_budget
+from .selection import layer_budget, mean_normalized
 
 
 def _normalized(scores: dict[str, torch.Tensor], groups: list[NeuronGroups]) -> dict[str, torch.Tensor]:
     out = {}
     for g in groups:
         for m in g.members:
-            s = scores[m.name].float()
+            s = scores[m.name]
             want = m.shape[0] if m.axis == "rows" else m.shape[1]
             if s.numel() != want:
                 raise ValueError(f"{m.name}: {s.numel()} scores, but its coupled groups need one per {m.axis[:-1]} "
                                  f"({want}): score with the same axis='coupled' config")
-            out[m.name] = s / s.mean().clamp_min(torch.finfo(torch.float32).tiny)
+            out[m.name] = mean_normalized(s)
     return out
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import SparseNeuronConfig
 from ..layers.linear_like import linear_shape
+from ..layers.neuron_groups import head_count
 
 # projection name -> config attribute with its number of heads, per axis
 HEAD_ATTRIBUTES = {
@@ -17,32 +18,18 @@ HEAD_ATTRIBUTES = {
 }
 
 
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    get_text = getattr(config, "get_text_config", None)
-    return get_text() if callable(get_text) else config
-
-
-def _heads(config, attribute: str):
-    n = getattr(config, attribute, None)
-    if n is None and attribute == "num_key_value_heads":  # configs without GQA fields: one kv head per head
-        n = getattr(config, "num_attention_heads", None)
-    return n
-
-
 def head_groups(model: nn.Module, layers: dict[str, nn.Module], config: SparseNeuronConfig) -> dict[str, int]:
     """name -> number of heads its neurons split into, for the targeted attention projections; {} unless
     `config.head_balanced`. Raises a clear error when nothing can be balanced or the sizes do not fit the heads."""
     if not config.head_balanced:
         return {}
     by_name = HEAD_ATTRIBUTES[config.axis]
-    model_config = _text_config(model)
     groups = {}
     for name, layer in layers.items():
         attribute = by_name.get(name.rsplit(".", 1)[-1])
         if attribute is None:
             continue
-        heads = _heads(model_config, attribute)
+        heads = head_count(model, attribute)
         if not isinstance(heads, int) or heads <= 0:
             raise ValueError(f"head_balanced=True needs {attribute} in the model config for {name}, found {heads!r}.")
         n_units = linear_shape(layer)[0 if config.axis == "rows" else 1]

@@ -20,6 +20,12 @@ def layer_budget(n_units: int, config: SparseNeuronConfig, name: str = "layer") 
     return max(1, round(float(config.ratio) * n_units))
 
 
+def mean_normalized(scores: torch.Tensor) -> torch.Tensor:
+    """A layer's scores divided by their mean, so that layers scored on different scales compare."""
+    scores = scores.float()
+    return scores / scores.mean().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     # stable sort: ties go to the lower index, so every rank and every run picks the same neurons
     order = torch.sort(scores, descending=True, stable=True).indices[:k]
@@ -65,7 +71,7 @@ def select_neurons(scores: dict[str, torch.Tensor], config: SparseNeuronConfig,
                 if name not in pooled or pooled[name].numel()}
 
     names = list(scores)
-    normed = [s.float() / s.float().mean().clamp_min(torch.finfo(torch.float32).tiny) for s in scores.values()]
+    normed = [mean_normalized(s) for s in scores.values()]
     chosen = _top(torch.cat(normed), sum(budgets.values()))
     offsets = torch.tensor([0] + [s.numel() for s in normed]).cumsum(0)
     selection = {}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from helpers import TokenDataset, masked_dense_training, sparse_trainer, tiny_llama_config, tiny_model
+from helpers import TokenDataset, masked_dense_training, slice_state, sparse_trainer, tiny_llama_config, tiny_model
 from sprune_trainer import SparseNeuronConfig, load_sparse_adapter, merge_sparse, save_sparse_adapter
 from sprune_trainer.layers.neuron_groups import neuron_groups, slice_axes
 from sprune_trainer.layers.surgery import sliced_modules
@@ -65,10 +65,6 @@ def test_a_unit_reaches_its_consumer_only_through_its_own_columns(kind, producer
         model.get_submodule(row_member.name).weight[row_member.index[unit]] += 1.0
     changed = (_input_of(layer, model) - before).abs().amax(dim=(0, 1)) > 1e-6
     assert changed.nonzero().flatten().tolist() == consumer.index[unit].tolist()
-
-
-def _trained_weights(model):
-    return sum(m.delta.numel() for m in sliced_modules(model).values())
 
 
 @pytest.mark.parametrize("scope", ["per_layer", "global"])
@@ -172,10 +168,10 @@ def test_resume_reaches_the_uninterrupted_slices(tmp_path):
     cfg = _coupled("taylor", k=3, calibration_batches=2)
     full = sparse_trainer(tmp_path / "run", cfg, max_steps=4, save_strategy="steps", save_steps=2)
     full.train()
-    final = {n: p.detach().clone() for n, p in full.model.named_parameters() if p.requires_grad}
+    final = slice_state(full.model)
     resumed = sparse_trainer(tmp_path / "run", cfg, max_steps=4, save_strategy="steps", save_steps=2)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
-    after = {n: p.detach().clone() for n, p in resumed.model.named_parameters() if p.requires_grad}
+    after = slice_state(resumed.model)
     assert after.keys() == final.keys()
     assert all(torch.equal(after[n], final[n]) for n in final)
 
