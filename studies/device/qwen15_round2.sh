@@ -8,8 +8,9 @@
 # The slots (~12 GiB each, studies.py; 11 on an H200, 6 on an H100) are split: A 4 on an H200 (its two tune runs at
 # once), 2 on an H100; B the rest.
 #   R2_BUDGET=<s> bash studies/device/qwen15_round2.sh start   starts both (budget: s from now), waits <= R2_WAIT s
+#   R2_SOLO_BUDGET=<s> bash studies/device/qwen15_round2.sh solo   the 1.5B scoring time alone (scoring_qwen15/)
 #   bash studies/device/qwen15_round2.sh wait                  waits again (R2_WAIT, default 540 s)
-#   (R2_FLAGS: more sweep.py flags, e.g. --dry_run to check the two run lists)
+#   (R2_A: sweep A's slots; R2_FLAGS: more sweep.py flags, e.g. --dry_run to check the two run lists)
 # Each call returns the folder as $OUT/results.tgz (accuracy_qwen15/): unpack into studies/accuracy/results/qwen15.
 set -uo pipefail
 DIR=/tmp/accuracy_qwen15
@@ -26,13 +27,13 @@ sweep() {  # phase, --only regex, slots, budget s (from now); more sweep.py flag
     --deadline_s $((budget + 60)) ${R2_FLAGS:-} "$@"
 }
 left() { echo $(( $(cat /tmp/r2.end) - $(date +%s) )); }
-running() { local f; for f in /tmp/r2.a.pid /tmp/r2.b.pid; do [ -f $f ] && kill -0 "$(cat $f)" 2>/dev/null && return 0; done; return 1; }
+running() { local f; for f in /tmp/r2.a.pid /tmp/r2.b.pid /tmp/r2.s.pid; do [ -f $f ] && kill -0 "$(cat $f)" 2>/dev/null && return 0; done; return 1; }
 
 case ${1:-wait} in
   start)
     [ -f /tmp/q15/config.json ] || { echo "no /tmp/q15: run qwen15_device.sh stage / install first" >&2; exit 1; }
     mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-    slots=$(( mem > 100000 ? 11 : 6 )) a=$(( mem > 100000 ? 4 : 2 ))
+    slots=$(( mem > 100000 ? 11 : 6 )) a=${R2_A:-$(( mem > 100000 ? 4 : 2 ))}
     mkdir -p "$DIR" && cp -rn studies/accuracy/results/qwen15/. "$DIR"/
     echo $(( $(date +%s) + ${R2_BUDGET:?seconds} )) > /tmp/r2.end
     b=$R2_BUDGET
@@ -41,11 +42,14 @@ case ${1:-wait} in
     setsid nohup bash -c "$(declare -f sweep); DIR=$DIR; sweep test '_8byte|_eqmem|_nf4|qlora' $((slots - a)) $b" \
       > /tmp/r2.b.log 2>&1 < /dev/null & echo $! > /tmp/r2.b.pid
     echo "started: $slots slots (A $a, B $((slots - a))), budget $b s" ;;
+  solo)  # the scoring-time target (studies/scoring_cost/README.md): taylor / zeroth_order rows alone on the GPU
+    setsid nohup bash -c "$(declare -f sweep); DIR=/tmp/scoring_qwen15; sweep solo 'sparse_(taylor|zeroth_order)_per_layer_rows' 1 ${R2_SOLO_BUDGET:-400}" \
+      > /tmp/r2.s.log 2>&1 < /dev/null & echo $! > /tmp/r2.s.pid ;;
   wait) ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac
 t0=$SECONDS
 while running && [ $((SECONDS - t0)) -lt "${R2_WAIT:-540}" ]; do sleep 5; done
 running && echo "still running ($(left) s of budget left): call wait again" || echo "both sweeps have ended"
-for f in /tmp/r2.a.log /tmp/r2.b.log; do echo "--- $f"; grep -E "done|fail|killed|not launched|tuned lr|Error" "$f" | tail -12; done
-tar czf "$FINAL/results.tgz" -C /tmp accuracy_qwen15 && ls -la "$FINAL"
+for f in /tmp/r2.a.log /tmp/r2.b.log /tmp/r2.s.log; do [ -f $f ] || continue; echo "--- $f"; grep -E "done|fail|killed|not launched|tuned lr|Error" "$f" | tail -12; done
+tar czf "$FINAL/results.tgz" -C /tmp accuracy_qwen15 $(cd /tmp && ls -d scoring_qwen15 2>/dev/null) && ls -la "$FINAL"
