@@ -74,7 +74,8 @@ def build_model(a) -> Qwen3MoeForCausalLM:
 
 def make_trainer(method: str, model, a, out: str, callbacks: list):
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps,
-                             learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
+                             learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0,
+                             logging_steps=a.logging_steps,
                              save_strategy="no", report_to="none", disable_tqdm=True, seed=0, use_cpu=True,
                              dataloader_num_workers=0, max_grad_norm=1.0)
     g = torch.Generator().manual_seed(1)
@@ -87,7 +88,8 @@ def make_trainer(method: str, model, a, out: str, callbacks: list):
         return SparseNeuronTrainer(model=model, sparse_config=cfg, **common)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
-        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], bias="none",
                           task_type="CAUSAL_LM")
         return Trainer(model=get_peft_model(model, lora), **common)
@@ -155,6 +157,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--logging-steps", type=int, default=1, help="1, as the benchmark: ours' untrained-slices guard "
+                                                                  "then checks every step")
     ap.add_argument("--top", type=int, default=30, help="functions listed in each profile")
     ap.add_argument("--profile", default="ours", help="comma-separated methods to cProfile ('' for none)")
     ap.add_argument("--experts-implementation", default="default", help="default (transformers' choice), eager, "
