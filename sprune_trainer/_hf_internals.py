@@ -11,7 +11,10 @@ Private `Trainer` methods the mixins override (they stay methods of the mixin cl
   _load_from_checkpoint(path, model)           training/saving.py: an adapter folder loads into the slices
   _load_best_model()                           training/saving.py: the best checkpoint is an adapter folder
   _clip_grad_norm(model)                       training/nonfinite.py: reuses the clipping norm (5.x only; 4.57 clips
-                                               inline, and the guard then computes the norm itself)
+                                               inline, and the guard then computes the norm itself);
+                                               training/run_constants.py: the parameter list found once per run
+  _get_grad_norm(model, grad_norm)             training/run_constants.py: the same list when clipping is off (5.x)
+  floating_point_ops(inputs) (public)          training/run_constants.py: the parameter count found once per run
 
 Private `Trainer` members called (through the functions below):
   _remove_unused_columns(dataset, description)            calibration batches drop the columns the model ignores
@@ -47,7 +50,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .layers.quantization import loaded_with_bitsandbytes
 
 OVERRIDDEN_TRAINER_METHODS = ("_save", "_save_checkpoint", "_save_optimizer_and_scheduler", "_load_from_checkpoint",
-                              "_load_best_model", "_clip_grad_norm")
+                              "_load_best_model", "_clip_grad_norm", "_get_grad_norm")
 CALLED_TRAINER_METHODS = ("_remove_unused_columns", "_get_collator_with_removed_columns", "_prepare_inputs",
                           "_get_output_dir")
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
+from .subtree_train import install_subtree_train, remove_subtree_train
+
 logger = logging.get_logger(__name__)
 
 _EXPOSED = "_sprune_expert_views"  # instance attribute: the experts module runs through its per-expert children
@@ -154,14 +156,19 @@ def _add_views(module: nn.Module) -> None:
             expert.add_module(name, ExpertLinear(module, name, e, module.is_transposed, bias))
         module.add_module(str(e), expert)
     module.forward = types.MethodType(_sliced_experts_forward, module)
+    install_subtree_train(module)  # model.train() on every step: ~5 modules per expert now
     setattr(module, _EXPOSED, True)
 
 
 def _remove_views(module: nn.Module) -> None:
+    from .stacked_slices import forget_stacked_slices  # (local: it imports sliced_linear, which imports this module)
+
     for e in range(module.num_experts):
         module._modules.pop(str(e), None)
     module.__dict__.pop("forward", None)
     module.__dict__.pop(_EXPOSED, None)
+    remove_subtree_train(module)
+    forget_stacked_slices(module)
 
 
 @torch.no_grad()

@@ -15,31 +15,20 @@ import torch
 from torch import nn
 
 from .experts import activate
-from .sliced_linear import SlicedLinear
+from .stacked_slices import StackedSlices, stacked_slices
 
 
-def _slices(module: nn.Module, name: str) -> Optional[list[SlicedLinear]]:
-    """Expert e's SlicedLinear on projection `name`, for every e, when they can be stacked; else None."""
-    found = [module._modules[str(e)]._modules[name] for e in range(module.num_experts)]
-    if not all(isinstance(s, SlicedLinear) for s in found):
-        return None
-    first = found[0]
-    stackable = all(s.axis == first.axis and s.index.numel() == first.index.numel() and s.bias_delta is None
-                    and not s.merged and (s.slice_dropout is None or not s.training) for s in found)
-    return found if stackable else None
-
-
-def grouped_slices(module: nn.Module, projections: tuple[str, str]) -> Optional[dict[str, list[SlicedLinear]]]:
+def grouped_slices(module: nn.Module, projections: tuple[str, str]) -> Optional[dict[str, StackedSlices]]:
     """{projection: its experts' slices} when the exposed experts `module` runs sliced through grouped matmuls (the
     model asks for transformers' grouped_mm experts and every projection's slices stack); else None."""
     config = getattr(module, "config", None)
     if getattr(config, "_experts_implementation", None) != "grouped_mm" or getattr(module, "_is_expert_parallel", False):
         return None
-    found = {name: _slices(module, name) for name in projections}
-    return found if all(s is not None for s in found.values()) else None
+    found = {name: stacked_slices(module, name) for name in projections}
+    return found if all(s.usable() for s in found.values()) else None
 
 
-def _project(module: nn.Module, name: str, slices: list[SlicedLinear], x: torch.Tensor, expert_ids: torch.Tensor,
+def _project(module: nn.Module, name: str, slices: StackedSlices, x: torch.Tensor, expert_ids: torch.Tensor,
              offsets: torch.Tensor) -> torch.Tensor:
     from .._hf_internals import grouped_mm
 
@@ -49,11 +38,11 @@ def _project(module: nn.Module, name: str, slices: list[SlicedLinear], x: torch.
     if bias is not None:
         base = base + bias[expert_ids]
     dt = base.dtype
-    index = torch.stack([s.index for s in slices])[expert_ids]  # (S, k): each pair's expert's neurons
+    index = slices.index()[expert_ids]  # (S, k): each pair's expert's neurons
     k = index.shape[1]
     pad = -k % max(1, 16 // dt.itemsize)  # grouped matmul kernels want 16-byte strides: k padded with zeros
-    delta = torch.stack([s.delta for s in slices]).to(dt)  # (E, k, d_in) rows / (E, d_out, k) columns
-    if slices[0].axis == "rows":
+    delta = torch.stack([s.delta for s in slices.children]).to(dt)  # (E, k, d_in) rows / (E, d_out, k) columns
+    if slices.axis == "rows":
         delta = nn.functional.pad(delta, (0, 0, 0, pad))
         update = grouped_mm(x.to(dt), delta.transpose(-2, -1), offsets)  # (S, k + pad)
         return base.scatter_add(1, index, update[:, :k])
@@ -62,7 +51,7 @@ def _project(module: nn.Module, name: str, slices: list[SlicedLinear], x: torch.
 
 
 def grouped_sliced_experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                                   top_k_weights: torch.Tensor, slices: dict[str, list[SlicedLinear]]) -> torch.Tensor:
+                                   top_k_weights: torch.Tensor, slices: dict[str, StackedSlices]) -> torch.Tensor:
     """transformers' grouped_mm experts forward (no expert parallelism), each projection with its slices added."""
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape

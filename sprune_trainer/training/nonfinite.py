@@ -24,6 +24,7 @@ import torch.distributed as dist
 from transformers.utils import logging
 
 from .._hf_internals import replace_step
+from .norms import norms_fp32
 
 logger = logging.get_logger(__name__)
 
@@ -97,7 +98,7 @@ class NonFiniteGuard:
         if self._grad_norm is not None:
             bad = ~torch.isfinite(self._grad_norm).to(device)
         elif grads:
-            bad = ~torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum())
+            bad = ~torch.isfinite(norms_fp32(grads).sum())
         else:
             bad = torch.zeros((), dtype=torch.bool, device=device)
         if self._loss_bad is not None:

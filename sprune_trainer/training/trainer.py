@@ -22,6 +22,7 @@ from ..optim.holds_slices import holds_every_slice, require_every_slice, unwrap_
 from ..optim.slice_adamw import SliceAdamW
 from .nonfinite import NonFiniteGuardMixin
 from .preparation import SlicePreparationMixin
+from .run_constants import RunConstantsMixin
 from .saving import AdapterSavingMixin
 from .summary import SelectionLogCallback
 from .untrained import UntrainedGuard
@@ -29,7 +30,7 @@ from .untrained import UntrainedGuard
 logger = logging.get_logger(__name__)
 
 
-class SparseNeuronMixin(SlicePreparationMixin, AdapterSavingMixin, NonFiniteGuardMixin):
+class SparseNeuronMixin(SlicePreparationMixin, AdapterSavingMixin, NonFiniteGuardMixin, RunConstantsMixin):
     """The whole sparse-neuron behaviour (scoring, surgery, slice optimizer, adapter save / load / resume) for a
     `transformers.Trainer` subclass: put it first, `class MyTrainer(SparseNeuronMixin, SomeTrainer)`, so its
     overrides run before the parent's and reach it through `super()`. Adds one argument, `sparse_config`.
@@ -90,7 +91,8 @@ class SparseNeuronMixin(SlicePreparationMixin, AdapterSavingMixin, NonFiniteGuar
     def _slices_among(self, params: list) -> list:
         """The slice tensors among an optimizer's parameters; all of them when it holds none by identity
         (DeepSpeed steps flattened partitions of the slices)."""
-        ids = {id(p) for m in sliced_modules(self.model).values() for p in (m.delta, m.bias_delta) if p is not None}
+        ids = self.once_per_run(("slice_ids", id(self.model)), lambda: {
+            id(p) for m in sliced_modules(self.model).values() for p in (m.delta, m.bias_delta) if p is not None})
         slices = [p for p in params if id(p) in ids]
         return slices if slices else params
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .nonfinite import flag_device
+from .norms import norms_fp32
 
 LIKELY_CAUSES = (
     "Likely causes: a compiled or wrapped model whose graph loses the slices' gradient (a compiler "
@@ -60,7 +61,7 @@ class UntrainedGuard:
         grads = [p.grad for p in params if p.grad is not None]
         device = params[0].device if params else torch.device("cpu")
         if grads:
-            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            norms = norms_fp32(grads)
             # NaN counts as a gradient: a step that reaches here with one was let through on purpose
             # (nonfinite_guard=False); the non-finite guard skips such steps before this check otherwise
             has_grad = (norms != 0).any().to(device)
@@ -97,4 +98,4 @@ class UntrainedGuard:
 def _norms(params: list) -> Optional[torch.Tensor]:
     if not params:
         return None
-    return torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in params])])
+    return norms_fp32(params)
