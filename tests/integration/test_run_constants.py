@@ -50,7 +50,8 @@ def test_runs_with_and_without_the_kept_constants_are_the_same(tmp_path, monkeyp
     monkeypatch.setattr(RunConstantsMixin, "train", walking_train)
     walked, flos_walked, norms_walked, seen_walked, _ = _run(tmp_path, "walked", max_grad_norm)
     assert seen_walked == [[]] * 3  # the Trainer's own walks on every step
-    assert flos == flos_walked > 0 and norms == norms_walked and len(norms) == 3
+    logged = 3 if max_grad_norm or hasattr(Trainer, "_get_grad_norm") else 0  # 4.57 logs a norm only when clipping
+    assert flos == flos_walked > 0 and norms == norms_walked and len(norms) == logged
     assert kept.keys() == walked.keys() and any(".experts." in k for k in kept)
     for key, value in kept.items():
         assert torch.equal(value, walked[key]), key
