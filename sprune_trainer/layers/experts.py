@@ -154,6 +154,7 @@ def _add_views(module: nn.Module) -> None:
         for name in _projections(module):
             bias = f"{name}_bias" if module.has_bias else None
             expert.add_module(name, ExpertLinear(module, name, e, module.is_transposed, bias))
+        expert.train(module.training)  # a model in eval mode stays so: surgery gives its slices this mode (no dropout)
         module.add_module(str(e), expert)
     module.forward = types.MethodType(_sliced_experts_forward, module)
     install_subtree_train(module)  # model.train() on every step: ~5 modules per expert now

@@ -337,3 +337,19 @@ def test_compiled_training_of_expert_slices_equals_eager(tmp_path):
         for key, value in eager.items():
             assert value.any(), key
             torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_expert_slices_take_the_models_mode(mode):
+    """Expert views made in a model in eval mode (an adapter loaded for inference) are in eval mode too, so the
+    slices surgery puts on them apply no slice dropout until the model is set to train."""
+    model = _model("mixtral").train(mode == "train")
+    cfg = SparseNeuronConfig(neurons_per_layer=3, importance="random", slice_dropout=0.5)
+    inject_slices(model, _random_selection(model, "rows"), cfg)
+    experts = [m for n, m in sliced_modules(model).items() if ".experts." in n]
+    assert experts and all(m.training == (mode == "train") for m in experts)
+    assert all(m.training == (mode == "train") for m in model.modules())
+    if mode == "eval":
+        batch = TokenDataset(n=2).ids
+        with torch.no_grad():
+            assert torch.equal(model(batch).logits, model(batch).logits)  # no dropout draws
