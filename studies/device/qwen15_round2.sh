@@ -50,6 +50,6 @@ case ${1:-wait} in
 esac
 t0=$SECONDS
 while running && [ $((SECONDS - t0)) -lt "${R2_WAIT:-540}" ]; do sleep 5; done
-running && echo "still running ($(left) s of budget left): call wait again" || echo "both sweeps have ended"
+running && echo "still running ($(left 2>/dev/null) s of budget left): call wait again" || echo "the sweeps have ended"
 for f in /tmp/r2.a.log /tmp/r2.b.log /tmp/r2.s.log; do [ -f $f ] || continue; echo "--- $f"; grep -E "done|fail|killed|not launched|tuned lr|Error" "$f" | tail -12; done
-tar czf "$FINAL/results.tgz" -C /tmp accuracy_qwen15 $(cd /tmp && ls -d scoring_qwen15 2>/dev/null) && ls -la "$FINAL"
+tar czf "$FINAL/results.tgz" -C /tmp $(cd /tmp && ls -d accuracy_qwen15 scoring_qwen15 2>/dev/null) && ls -la "$FINAL"
