@@ -169,27 +169,32 @@ def _training_args(cfg: RunConfig, steps: int, device: torch.device):
 
 
 def _trainer(cfg: RunConfig, model, args, data, collator, timer, device):
+    return method_trainer(cfg.method, model, r=cfg.r, lora_r=cfg.lora_r, moe=cfg.model in MOE_SHAPES, device=device,
+                          args=args, train_dataset=data, data_collator=collator, callbacks=[timer])
+
+
+def method_trainer(method: str, model, *, r: int, lora_r: int, moe: bool, device: torch.device, **trainer_kwargs):
+    """The Trainer of `method` (the module docstring's ours / lora / floor) on `model`; `moe`: LoRA on the attention
+    linears and the fused experts through target_parameters. `trainer_kwargs`: args, train_dataset, callbacks, ..."""
     from transformers import Trainer
 
-    common = dict(args=args, train_dataset=data, data_collator=collator, callbacks=[timer])
-    if cfg.method == "ours":
+    if method == "ours":
         from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer
-        return SparseNeuronTrainer(model=model, sparse_config=SparseNeuronConfig(neurons_per_layer=cfg.r), **common)
-    if cfg.method == "lora":
+        return SparseNeuronTrainer(model=model, sparse_config=SparseNeuronConfig(neurons_per_layer=r), **trainer_kwargs)
+    if method == "lora":
         from peft import LoraConfig, get_peft_model
-        moe = cfg.model in MOE_SHAPES  # attention linears, and the fused experts through target_parameters
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+        lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                           target_modules=list(TARGETS[:4] if moe else TARGETS),
                           target_parameters=list(MOE_EXPERT_PARAMETERS) if moe else None,
                           bias="none", task_type="CAUSAL_LM")
-        return Trainer(model=get_peft_model(model, lora), **common)
-    if cfg.method == "floor":
+        return Trainer(model=get_peft_model(model, lora), **trainer_kwargs)
+    if method == "floor":
         for p in model.parameters():
             p.requires_grad_(False)
         model.enable_input_require_grads()
         placeholder = torch.nn.Parameter(torch.zeros(1, device=device))
-        return Trainer(model=model, optimizers=(torch.optim.SGD([placeholder], lr=0.0), None), **common)
-    raise ValueError(f"unknown method {cfg.method!r}")
+        return Trainer(model=model, optimizers=(torch.optim.SGD([placeholder], lr=0.0), None), **trainer_kwargs)
+    raise ValueError(f"unknown method {method!r}")
 
 
 def _train(cfg: RunConfig, device: torch.device, row: dict) -> None:

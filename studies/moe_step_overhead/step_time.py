@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
+from benchmarks.trainer_run import method_trainer  # noqa: E402
 from studies.moe_step_overhead.phases import PhaseTimer  # noqa: E402
 
 METHODS = ("ours", "lora", "floor")
@@ -81,23 +82,9 @@ def make_trainer(method: str, model, a, out: str, callbacks: list):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (a.batch * (a.warmup + a.steps), a.seq), generator=g)
     data = [{"input_ids": x, "labels": x} for x in ids]
-    common = dict(args=args, train_dataset=data, callbacks=callbacks)
-    if method == "ours":
-        from sprune_trainer import SparseNeuronConfig, SparseNeuronTrainer
-        cfg = SparseNeuronConfig(neurons_per_layer=a.r, importance="l2")  # l2: no calibration batches to wait for
-        return SparseNeuronTrainer(model=model, sparse_config=cfg, **common)
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], bias="none",
-                          task_type="CAUSAL_LM")
-        return Trainer(model=get_peft_model(model, lora), **common)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.enable_input_require_grads()
-    placeholder = torch.nn.Parameter(torch.zeros(1))
-    return Trainer(model=model, optimizers=(torch.optim.SGD([placeholder], lr=0.0), None), **common)
+    # the user-stack benchmark's three Trainers (ours: its default config, l2 rows: no calibration batches to wait for)
+    return method_trainer(method, model, r=a.r, lora_r=16, moe=True, device=torch.device("cpu"), args=args,
+                          train_dataset=data, callbacks=callbacks)
 
 
 def grouped_path_taken(model) -> bool | None:
