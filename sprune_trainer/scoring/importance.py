@@ -450,7 +450,8 @@ class ZerothOrderImportance(Importance):
 
     For batch b every layer l draws z_l ~ N(0, I) (shape of W, from `spsa_direction(seed, b, l)`, regenerated
     rather than stored); forward hooks add +eps x z_l^T, then -eps x z_l^T, to the layer outputs, which is
-    the forward of W +- eps z with the frozen (possibly quantized) base left as is. With
+    the forward of W +- eps z with the frozen (possibly quantized) base left as is (for a bf16 layer z is rounded
+    to bf16 and x z^T computed in bf16: `_perturbation_dtype`). With
     c = (L+ - L-) / (2 eps), c z_l estimates dL/dW_l, so c sum_j W_ij z_ij estimates sum_j W_ij dL/dW_ij.
 
     Unlike `taylor`, the SIGNED estimates are accumulated over batches and the score is the absolute value
@@ -475,13 +476,14 @@ class ZerothOrderImportance(Importance):
                 if state["sign"] == 0.0:
                     return None
                 x = args[0]
+                mm = _perturbation_dtype(output.dtype)
                 with dense_weight(module) as w:
-                    z = spsa_direction(w.shape, self.config.seed, state["batch"], index[name], w.device)
+                    z = spsa_direction(w.shape, self.config.seed, state["batch"], index[name], w.device).to(mm)
                     if state["sign"] > 0 and name not in proj:
-                        proj[name] = (w * z).sum(_reduce_dim(self.axis(name)))
+                        proj[name] = (w * z).sum(_reduce_dim(self.axis(name)))  # fp32 (or fp64) products
+                delta = x.to(mm) @ z.t()  # (..., d_out)
                 dt = torch.promote_types(output.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
-                delta = x.to(dt) @ z.to(dt).t()  # (..., d_out)
-                return (output.to(dt) + state["sign"] * eps * delta).to(output.dtype)
+                return (output.to(dt) + state["sign"] * eps * delta.to(dt)).to(output.dtype)
             return forward_hook
 
         n_batches = 0
@@ -507,6 +509,19 @@ class ZerothOrderImportance(Importance):
         if n_batches == 0:
             raise _no_batches_error(self.name)
         return {name: a.abs() for name, a in acc.items()}
+
+
+def _perturbation_dtype(output_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of zeroth_order's x @ z^T: bf16 for a layer that computes in bf16, else at least fp32.
+
+    A bf16 layer's perturbed output is rounded back to bf16, which loses far more of eps x z^T than computing
+    that product in bf16 does, and an fp32 product as large as the layer's own matmul is what made the criterion
+    slow on GPUs (fp32 matmuls run at a small fraction of bf16's rate). z is rounded to bf16 for both the
+    product and the projection sum_j W_ij z_ij, so the estimate stays c z along the direction actually taken.
+    fp16 keeps fp32: x z^T with z ~ N(0, 1) can exceed fp16's range where the layer's own output does not."""
+    if output_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.promote_types(output_dtype, torch.float32)
 
 
 @contextlib.contextmanager

@@ -152,6 +152,58 @@ def test_zeroth_order_equals_explicit_weight_perturbation(axis):
     assert_scores_close(got, {n: a.abs() for n, a in acc.items()}, rtol=1e-5)
 
 
+def test_zeroth_order_on_bf16_multiplies_in_bf16_along_the_rounded_direction():
+    """A bf16 model: every matmul of the scoring runs in bf16 (an fp32 x z^T as large as the layer's matmul made
+    the criterion slow on GPUs), and the scores are those of the same estimator with x z^T computed in fp64
+    along z rounded to bf16, up to the rounding of that product."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_causal_lm().to(torch.bfloat16)
+    layers = linears(model)
+    batches = lm_batches(n=3)
+    config = cfg("zeroth_order", seed=5, zo_eps=1e-2)
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                self.seen.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with MatmulDtypes() as mode:
+        got = score_neurons(model, layers, config, batches, progress=False)
+    assert mode.seen == {torch.bfloat16}
+
+    index = {n: i for i, n in enumerate(layers)}
+    acc, sign, zs = {}, [0.0], {}
+
+    def hook(name):
+        def add(module, args, output):
+            delta = args[0].double() @ zs[name].double().t()
+            return (output.double() + sign[0] * 1e-2 * delta).to(output.dtype)
+        return add
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        for b, batch in enumerate(batches):
+            zs = {n: spsa_direction(m.weight.shape, 5, b, index[n]).bfloat16() for n, m in layers.items()}
+            loss = {}
+            for sign[0] in (1.0, -1.0):
+                with torch.no_grad():
+                    loss[sign[0]] = model(**batch).loss.double().item()
+            c = (loss[1.0] - loss[-1.0]) / 2e-2
+            for n, m in layers.items():
+                acc[n] = acc.get(n, 0.0) + c * (m.weight.float() * zs[n].float()).sum(1)
+    finally:
+        for h in handles:
+            h.remove()
+    # measured: 3 % of the largest score (the bf16 rounding of x z^T moves the bf16 losses' difference)
+    assert_scores_close(got, {n: a.abs() for n, a in acc.items()}, rtol=0.06)
+
+
 class TwoLayerMLP(nn.Module):
     def __init__(self, d_in=4, h=8):
         super().__init__()
