@@ -5,11 +5,13 @@ learning rate of zero all give a run whose loss looks ordinary while every slice
 Trainer then saves an adapter of zeros. The guard looks at optimizer steps that were actually taken (not skipped
 as non-finite): the first ones until one with a positive learning rate has been verified, then every logging step.
 On such a step it checks that some slice holds a non-zero gradient before the update (non-finite steps never get
-here while the non-finite guard is on) and that some slice changed in it; the two flags are all-reduced (MAX) so every rank decides alike, and either failing raises
+here while the non-finite guard is on) and that some slice changed in it, its value or, where the optimizer keeps
+one, its compensation buffer (a compensated bf16 step far below the slice's rounding step moves only that); the two
+flags are all-reduced (MAX) so every rank decides alike, and either failing raises
 `SlicesNotTrainingError` out of `train()`.
 
 Cost, on checked steps only: three multi-tensor norms over the slices (before the update: gradients and values;
-after: values) and one two-element all-reduce with a host sync; nothing on the other steps."""
+after: values), two more over the compensation buffers where there are any, and one two-element all-reduce with a host sync; nothing on the other steps."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -67,16 +69,16 @@ class UntrainedGuard:
             has_grad = (norms != 0).any().to(device)
         else:
             has_grad = torch.zeros((), dtype=torch.bool, device=device)
-        values = _norms(params) if lr_positive else None  # nothing to compare at lr 0
-        return step, params, has_grad, values, lr_positive
+        values = _value_norms(optimizer, params) if lr_positive else None  # nothing to compare at lr 0
+        return step, optimizer, params, has_grad, values, lr_positive
 
     def after_step(self, pending) -> None:
         if pending is None:
             return
-        step, params, has_grad, before, lr_positive = pending
+        step, optimizer, params, has_grad, before, lr_positive = pending
         changed = torch.ones((), dtype=torch.bool, device=has_grad.device)  # not checkable at lr 0
         if lr_positive and before is not None:
-            changed = (_norms(params) != before).any().to(has_grad.device)
+            changed = (_value_norms(optimizer, params) != before).any().to(has_grad.device)
         flags = torch.stack([has_grad, changed]).to(torch.int32)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flags = flags.to(flag_device(flags.device))
@@ -95,7 +97,17 @@ class UntrainedGuard:
             self.verified = True
 
 
-def _norms(params: list) -> Optional[torch.Tensor]:
+def _value_norms(optimizer: torch.optim.Optimizer, params: list) -> Optional[torch.Tensor]:
+    """(2n,): each slice's norm, then its compensation buffer's (SliceAdamW with compensated=True; 0 where there is
+    none yet, as before the first step makes it at zero)."""
     if not params:
         return None
-    return norms_fp32(params)
+    norms = norms_fp32(params)
+    state = getattr(optimizer, "state", None)
+    state = state if isinstance(state, dict) else {}
+    buffers = [state.get(p, {}).get("compensation") for p in params]
+    held = [i for i, b in enumerate(buffers) if b is not None]
+    extra = torch.zeros_like(norms)
+    if held:
+        extra[held] = norms_fp32([buffers[i] for i in held]).to(extra.device)
+    return torch.cat([norms, extra])

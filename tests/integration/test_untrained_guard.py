@@ -65,6 +65,33 @@ def test_warmup_from_zero_learning_rate_trains_and_passes_the_guard(tmp_path):
     assert sum(v.abs().sum() for v in slice_state(trainer.model).values()) > 0
 
 
+@pytest.mark.parametrize("compensated", [True, False])
+def test_a_compensated_step_below_the_bf16_rounding_step_counts_as_training(compensated):
+    """The 8-byte setting late in a decaying schedule: bf16 slices grown to ~1 take Adam steps of ~lr = 1e-4, below
+    half their rounding step (2^-9), so the slices keep their values and only SliceAdamW's compensation buffers
+    move; that step trained. Without compensation the update is lost and the guard stops the run."""
+    from sprune_trainer.optim.slice_adamw import SliceAdamW
+    from sprune_trainer.training.untrained import UntrainedGuard
+
+    slices = [torch.nn.Parameter(torch.ones(4, 8, dtype=torch.bfloat16)) for _ in range(2)]
+    opt = SliceAdamW(slices, lr=1e-4, weight_decay=0.0, state_dtype="int8", compensated=compensated)
+    guard = UntrainedGuard()
+    for step in range(2):  # the first step makes the buffers, the second one starts from them
+        for s in slices:
+            s.grad = torch.full_like(s, 0.5)
+        pending = guard.before_step(opt)
+        opt.step()
+        if compensated:
+            guard.after_step(pending)
+        else:
+            with pytest.raises(SlicesNotTrainingError, match="changed none of the 2 slice tensors"):
+                guard.after_step(pending)
+            return
+        assert all(torch.equal(s, torch.ones_like(s)) for s in slices)  # rounded away in the slices themselves
+        assert all(opt.state[s]["compensation"].abs().min() > 0 for s in slices)
+    assert guard.verified
+
+
 def test_the_guard_checks_logging_steps_after_the_first(tmp_path):
     """Past the first verified step the check runs on logging steps only; a run that stops training later is
     caught at the next one."""
