@@ -35,7 +35,8 @@ from benchmarks.report import write_json  # noqa: E402
 
 PHASES = ("test", "tune")  # the phases with accuracy tables (a study's "solo" phase has its own)
 COLOURS = {"full": "#4c4c4c", "lora": "#1f77b4", "dora": "#9467bd", "sparse_rows": "#d62728",
-           "sparse_columns": "#ff7f0e", "sparse_coupled": "#8c564b", "zero_shot": "#bcbd22"}
+           "sparse_columns": "#ff7f0e", "sparse_coupled": "#8c564b", "sparse_eqmem": "#e377c2",
+           "zero_shot": "#bcbd22"}
 SHARED = "†"  # marks memory / speed measured while runs shared the GPU, where a solo value is missing
 MERGED = "after_merged_nf4"  # a run's evaluation after merging into the NF4 base (recipes/commonsense/merging.py)
 

@@ -136,15 +136,15 @@ def sparse_config(shape: LlamaShape, importance: str, scope: str, axis: str, cal
 
 
 def variant(config: Config, suffix: str, flags: tuple[str, ...], expected_params: Optional[int] = None,
-            neurons_per_layer: Optional[int] = None) -> Config:
+            neurons_per_layer: Optional[int] = None, family: Optional[str] = None) -> Config:
     """`config` under the name `<name>_<suffix>` with more recipe flags (the later flag wins), in its family (so it
-    runs at the family's tuned lr without a tuning of its own); neurons_per_layer replaces the config's k.
-    expected_params None keeps the config's count when k is kept, else None."""
+    runs at the family's tuned lr without a tuning of its own) or in `family`; neurons_per_layer replaces the
+    config's k. expected_params None keeps the config's count when k is kept, else None."""
     base = list(config.flags)
     if neurons_per_layer is not None:
         base[base.index("--neurons_per_layer") + 1] = str(neurons_per_layer)
     keep = config.expected_params if neurons_per_layer is None else None
-    return Config(f"{config.name}_{suffix}", config.family, (*base, *flags),
+    return Config(f"{config.name}_{suffix}", family or config.family, (*base, *flags),
                   expected_params if expected_params is not None else keep)
 
 

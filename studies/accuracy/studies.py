@@ -154,7 +154,8 @@ QWEN15_COLUMNS = ("random", "taylor")
 # The second round (after the committed 59 runs; same data, seeds and names, so those are skipped), in the order the
 # sweep runs it: coupled neurons (the library's axis "coupled", at the rows' k; their own lr family, tuned on random
 # only), random columns at 8 bytes per trained number (bf16 slices, int8 moments, compensated updates: the same config
-# as the tuned random columns, so its lr), random columns at LoRA r16's peak memory (its k below), then last, seed 1
+# as the tuned random columns, so its lr), random columns at LoRA r16's peak memory (its k below; its own lr family),
+# then last, seed 1
 # only, the NF4 merge: QLoRA r16 and random rows on an NF4 base (with and without the low-quantization-error start),
 # each evaluated after training and again after merging back into NF4 (the recipe's --eval_merged_nf4).
 QWEN15_COUPLED = ("random", "taylor")
@@ -188,7 +189,8 @@ def qwen15_configs(shape: LlamaShape, calibration_batches: int, lora_dropout: fl
                                     QWEN15_TOKENS_PER_STEP)
     merged = ("--eval_merged_nf4", "true")
     out += [grid.variant(columns, "8byte", QWEN15_8BYTE),
-            grid.variant(columns, "eqmem", (), grid.sparse_params(shape, k, "columns"), neurons_per_layer=k),
+            grid.variant(columns, "eqmem", (), grid.sparse_params(shape, k, "columns"), neurons_per_layer=k,
+                         family="sparse_eqmem"),
             grid.qlora_config(shape, 16, lora_dropout, merged),
             # rows on NF4, as the paper: a merged row re-quantizes only its own blocks (a column reaches a block
             # of every row)
@@ -205,7 +207,8 @@ def qwen15_configs(shape: LlamaShape, calibration_batches: int, lora_dropout: fl
 # files; 500 items per test set (ARC-Challenge's validation split has 299: all of them).
 QWEN15 = Study(
     name="qwen15", issue=17, model="Qwen2.5-Coder-1.5B-Instruct", shape=grid.QWEN25_CODER_15B,
-    families=("zero_shot", "full", "lora", "dora", "sparse_rows", "sparse_columns", "sparse_coupled"),
+    families=("zero_shot", "full", "lora", "dora", "sparse_rows", "sparse_columns", "sparse_coupled",
+              "sparse_eqmem"),
     # the first grids' best lr sat at their low edge for full FT (1e-5), l2 rows (1e-4) and taylor columns
     # (1e-4) on validation (studies/accuracy/results/qwen15, tune phase): those families got one lower lr.
     # Full FT's best then moved to the new edge (5e-6: 75.6 vs 73.5 at 1e-5), so it got 2e-6 too: a baseline
@@ -214,13 +217,18 @@ QWEN15 = Study(
               "sparse_rows": (3e-5, 1e-4, 3e-4, 1e-3), "sparse_columns": (3e-5, 1e-4, 3e-4, 1e-3),
               # coupled: the two lrs around the rows' (1e-4) and columns' (3e-4) tuned ones (GPU time); a 2-lr grid's
               # default (no run finished) is its upper lr, 3e-4
-              "sparse_coupled": (1e-4, 3e-4)},
+              "sparse_coupled": (1e-4, 3e-4),
+              # equal memory trains 16x the columns' numbers: at the columns' tuned lr (3e-4) its first test run
+              # lost the answer format (21.5 %, constant answers), so it got its own lrs below that one (a run at
+              # 3e-4 cannot win a validation; GPU time)
+              "sparse_eqmem": (3e-5, 1e-4)},
     # rows: every criterion takes the lr tuned on l2 rows, as in issue 8 (one tuning per criterion would double
     # the tune phase); coupled: taylor takes the lr tuned on random
     tune_configs={"full": ("full",), "lora": ("lora_r16",), "dora": ("dora_r16",),
                   "sparse_rows": ("sparse_l2_per_layer_rows",),
                   "sparse_columns": tuple(f"sparse_{i}_per_layer_columns" for i in QWEN15_COLUMNS),
-                  "sparse_coupled": ("sparse_random_per_layer_coupled",)},
+                  "sparse_coupled": ("sparse_random_per_layer_coupled",),
+                  "sparse_eqmem": ("sparse_random_per_layer_columns_eqmem",)},
     build_configs=qwen15_configs,
     test_names=("zero_shot", "full", "lora_r16", "dora_r16", *(f"sparse_{i}_per_layer_rows" for i in QWEN15_ROWS),
                 "@sparse_columns", *QWEN15_NEW),

@@ -9,7 +9,7 @@
   the same scope and axis by more than the seed std (pooled over the two configs). Configs a study lists in
   not_ours (above LoRA's trainable count, sized to its memory instead; on an NF4 base at one seed) are never "ours".
   A study's pair targets compare two named configs (issue 17: random columns at 8 bytes per trained number >= the
-  same config at 16 - 0.3).
+  same config at 16 - 0.3). A check with fewer than the protocol's seeds on either side is marked provisional.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import math
 from collections import Counter
 from typing import Optional
 
-from studies.accuracy.grid import IMPORTANCES
+from studies.accuracy.grid import IMPORTANCES, TEST_SEEDS
 from studies.accuracy.studies import SMOLLM2, Study
 
 METRICS = {"average": "generation", "choice_average": "ranked labels"}
@@ -80,7 +80,9 @@ def _check(name: str, metric: str, ours: dict, ref: dict, required: Optional[flo
     check = {"metric": metric, "comparison": name, "ours": ours["config"], "ours_value": om, "ours_std": os_,
              "ours_seeds": ours["n_seeds"], "reference": ref["config"], "reference_value": rm, "reference_std": rs,
              "reference_seeds": ref["n_seeds"], "margin": margin, "required": need, "strict": strict,
-             "met": margin > need if strict else margin >= need}
+             "met": margin > need if strict else margin >= need,
+             # fewer seeds than the protocol's on either side: the verdict may still turn with the missing ones
+             "provisional": min(ours["n_seeds"], ref["n_seeds"]) < len(TEST_SEEDS)}
     if "flags" in ours:  # a study that checks training (run_checks.py): what either side's runs did
         check.update(ours_flags=_row_flags(ours), reference_flags=_row_flags(ref))
     return check
@@ -125,7 +127,8 @@ def targets_table(checks: list[dict], issue: int = SMOLLM2.issue) -> tuple[str, 
               f"{c['ours']} {c['ours_value']:.1f} ± {c['ours_std']:.1f} (n={c['ours_seeds']})",
               f"{c['reference']} {c['reference_value']:.1f} ± {c['reference_std']:.1f} (n={c['reference_seeds']})",
               f"{c['margin']:+.1f}", ("> " if c["strict"] else "≥ ") + f"{c['required']:+.1f}",
-              "yes" if c["met"] else "**no**"]
+              ("yes" if c["met"] else "**no**") + (f" (provisional: < {len(TEST_SEEDS)} seeds)"
+                                                   if c.get("provisional") else "")]
              + [_flags_cell(c)] * flagged for c in checks])
 
 

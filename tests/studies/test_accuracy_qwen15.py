@@ -86,7 +86,7 @@ def test_run_list_order_picks_slots_and_solo():
     assert {r.name for r in tune} >= {"tune-full-lr5e-6-s1", "tune-full-lr1e-5-s1", "tune-full-lr5e-5-s1",
                                       "tune-lora_r16-lr1e-3-s1", "tune-sparse_l2_per_layer_rows-lr1e-3-s1"}
     lrs = {"full": 2e-5, "lora": 1e-4, "dora": 3e-4, "sparse_rows": 1e-3, "sparse_columns": 1e-4,
-           "sparse_coupled": 3e-4}
+           "sparse_coupled": 3e-4, "sparse_eqmem": 1e-4}
     test = _first_round(QWEN15.test_runs(cfgs, lrs, {"sparse_columns": "sparse_taylor_per_layer_columns"}))
     assert len(test) == 27 == len({r.name for r in test}) and [r.seed for r in test] == [1] * 9 + [2] * 9 + [3] * 9
     assert [r.name for r in test[:9]] == [
@@ -119,8 +119,8 @@ def test_command_lines_parse_with_the_recipe_to_the_study_values(tmp_path, capsy
     common = ["--study", "qwen15", "--dry_run", "--out", str(tmp_path / "o"), "--model_name_or_path",
               str(tmp_path / "none"), "--data_dir", str(tmp_path)]
     runs = _dry_run(capsys, common)
-    # the first round's 23 + 27, and the second's 2 tune + 4 configs x 3 seeds + 3 NF4 runs at seed 1
-    assert runs["counts"] == {"tune": 25, "test": 42} and len(runs["argv"]) == 67
+    # the first round's 23 + 27, and the second's 2 + 2 tune + 4 configs x 3 seeds + 3 NF4 runs at seed 1
+    assert runs["counts"] == {"tune": 27, "test": 42} and len(runs["argv"]) == 69
     solo = _dry_run(capsys, common + ["--phase", "solo"])
     assert solo["counts"] == {"solo": 13} and not (tmp_path / "o").exists()  # a dry run writes nothing
 

@@ -35,39 +35,48 @@ def _round2(tuned: dict) -> list[grid.Run]:
 def test_second_round_order_seed_1_of_every_config_first_nf4_last():
     runs = _round2(_committed_tuned())
     names = [r.name for r in runs]
-    # coupled: the default until its tuning ran; the rest: tuned columns / LoRA / rows (the NF4 sparse runs)
-    lr = {c: "1e-4" if c.endswith(("rows_nf4", "rows_nf4_init")) else "3e-4" for c in SEED_1 + NF4}
-    assert names == (["tune-sparse_random_per_layer_coupled-lr1e-4-s1", "tune-sparse_random_per_layer_coupled-lr3e-4-s1"]
+    # coupled: its tuned 1e-4; equal memory: its grid's default until its tuning runs; the rest: tuned columns /
+    # LoRA / rows (the NF4 sparse runs)
+    lr = {c: "1e-4" if c.endswith(("coupled", "eqmem", "rows_nf4", "rows_nf4_init")) else "3e-4" for c in SEED_1 + NF4}
+    eqmem = "sparse_random_per_layer_columns_eqmem"
+    assert names == ([f"tune-sparse_random_per_layer_coupled-lr1e-4-s1", f"tune-{eqmem}-lr3e-5-s1",
+                      f"tune-sparse_random_per_layer_coupled-lr3e-4-s1", f"tune-{eqmem}-lr1e-4-s1"]
                      + [f"test-{c}-lr{lr[c]}-s{s}" for s in (1, 2, 3) for c in SEED_1]
                      + [f"test-{c}-lr{lr[c]}-s1" for c in NF4])
-    assert [QWEN15.run_slots(r.config) for r in runs[2:6]] == [2, 2, 2, 3]  # eqmem: LoRA's memory, LoRA's slots
+    assert [QWEN15.run_slots(r.config) for r in runs[:4]] == [2, 3, 2, 3]
+    assert [QWEN15.run_slots(r.config) for r in runs[4:8]] == [2, 2, 2, 3]  # eqmem: LoRA's memory, LoRA's slots
     assert [QWEN15.run_slots(r.config) for r in runs[-3:]] == [3, 2, 2]
-    # a coupled tuning that picked 1e-4 moves both coupled configs, and nothing else
+    # a tuning that picks another lr moves that family's configs, and nothing else
     tuned = copy.deepcopy(_committed_tuned())
-    tuned["families"]["sparse_coupled"] = {"lr": 1e-4, "config": "sparse_random_per_layer_coupled"}
-    moved = [r.name for r in _round2(tuned) if r.lr == 1e-4 and r.phase == "test" and "nf4" not in r.name]
-    assert moved == [f"test-sparse_{i}_per_layer_coupled-lr1e-4-s{s}" for s in (1, 2, 3) for i in ("random", "taylor")]
+    tuned["families"]["sparse_coupled"] = {"lr": 3e-4, "config": "sparse_random_per_layer_coupled"}
+    tuned["families"]["sparse_eqmem"] = {"lr": 3e-5, "config": eqmem}
+    test = [r for r in _round2(tuned) if r.phase == "test"]
+    assert [r.name for r in test if r.lr == 3e-4 and "coupled" in r.name] == [
+        f"test-sparse_{i}_per_layer_coupled-lr3e-4-s{s}" for s in (1, 2, 3) for i in ("random", "taylor")]
+    assert [r.name for r in test if r.lr == 3e-5] == [f"test-{eqmem}-lr3e-5-s{s}" for s in (1, 2, 3)]
 
 
-def test_committed_first_round_is_reused_and_its_tuning_unchanged(tmp_path):
-    """Every run of the committed first round is in today's list under its name (so the sweep skips it), none of
-    the second round's is committed, the tuned lrs of the committed families come out the same, and the folder's
-    tables regenerate byte for byte until new runs arrive."""
+def test_committed_runs_are_reused_and_their_tuning_unchanged(tmp_path):
+    """Every committed run is in today's list under its name (so the sweep skips it) but for earlier picks, every
+    run still to do is the second round's, the tuned lrs of the committed families come out the same, and the
+    folder's tables regenerate byte for byte until new runs arrive."""
     if not (COMMITTED / "runs").is_dir():
         pytest.skip("no committed qwen15 runs")
     tuned = _committed_tuned()
     cfgs = QWEN15.configs(grid.QWEN25_CODER_15B, calibration_batches=50)
-    runs = (QWEN15.tune_runs(cfgs) + QWEN15.test_runs(cfgs, tuning.lrs_of(tuned) | {"sparse_coupled": 3e-4},
-                                                      tuning.picks_of(tuned)) + QWEN15.solo_runs(cfgs))
+    lrs = {f: QWEN15.default_lr(f) for f in QWEN15.lr_grids} | tuning.lrs_of(tuned)
+    runs = QWEN15.tune_runs(cfgs) + QWEN15.test_runs(cfgs, lrs, tuning.picks_of(tuned)) + QWEN15.solo_runs(cfgs)
     done = {d.name for d in (COMMITTED / "runs").iterdir() if run_results.find(d)}
     listed = {r.name for r in runs}
-    stale = {"test-full-lr5e-6-s1", "test-full-lr5e-6-s2"}  # an earlier tuning's pick, kept in the folder
+    # an earlier tuning's pick, and equal memory at the columns' lr before it had a family of its own: kept
+    stale = {"test-full-lr5e-6-s1", "test-full-lr5e-6-s2", "test-sparse_random_per_layer_columns_eqmem-lr3e-4-s1"}
     assert done - listed == stale
-    assert {r.name for r in runs if r.name not in done} == {r.name for r in grid.select(runs, QWEN15_NEW_RUNS)}
+    assert {r.name for r in runs if r.name not in done} <= {r.name for r in grid.select(runs, QWEN15_NEW_RUNS)}
     again = tuning.best_lrs(aggregate.load_runs(COMMITTED), QWEN15)
     assert again["rule"] == tuned["rule"]
     assert {f: again["families"][f] for f in tuned["families"]} == tuned["families"]
-    assert again["families"]["sparse_coupled"]["source"].startswith("default")
+    assert again["families"]["sparse_coupled"]["source"] == "tuned on 2 of 2 lrs"
+    assert again["families"]["sparse_eqmem"]["source"].startswith("default")  # no tune run yet
 
     dst = tmp_path / "qwen15"
     shutil.copytree(COMMITTED, dst, ignore=shutil.ignore_patterns("accuracy.*"))
@@ -96,7 +105,7 @@ def test_second_round_configs_and_the_equal_memory_k():
     # equal memory: the byte model of studies.py on the solo peaks, rounded down
     eq = cfgs["sparse_random_per_layer_columns_eqmem"]
     assert (eq.family, flag(eq.name, "--neurons_per_layer"), eq.expected_params) == (
-        "sparse_columns", "463", 298_690_560)
+        "sparse_eqmem", "463", 298_690_560)  # its own lr family: 16x the columns' trained numbers
     per_k = 18 * 645_120 + 2 * 16 * 256 * 28 * 7
     assert per_k == 13_217_792 and grid.sparse_params(shape, 1, "columns") == 645_120
     predicted = lambda k: studies.QWEN15_COLUMNS_PEAK + (k - 28) * per_k  # noqa: E731
@@ -138,12 +147,12 @@ def test_the_device_selection_lists_exactly_the_second_round_and_the_recipe_read
         lines = capsys.readouterr().out.splitlines()
         argvs.update({a: shlex.split(b)[2:] for a, b in zip(lines, lines[1:])
                       if b.startswith("    ") and a[:1].isalpha()})
-    assert counts == {"tune": 2, "test": 15} and list(argvs) == [r.name for r in _round2(_committed_tuned())]
+    assert counts == {"tune": 4, "test": 15} and list(argvs) == [r.name for r in _round2(_committed_tuned())]
     for name, argv in argvs.items():
         if "coupled" in name and "coupled" not in AXES:
             continue  # the library's axis="coupled" has not landed here yet
         m, d, s, t = llama_commonsense.parse_args(argv + ["--use_cpu", "true"])
-        want_lr = 1e-4 if name.startswith("tune") and "lr1e-4" in name or "rows_nf4" in name else 3e-4
+        want_lr = float(re.search(r"-lr([0-9.e-]+)-s\d$", name).group(1))
         assert (d.max_train_samples, t.seed, t.learning_rate) == (6000, int(name[-1]), want_lr), name
         if "_8byte" in name:
             assert (s.slice_dtype, s.optimizer_state, s.compensated_update, s.neurons_per_layer) == (
@@ -167,6 +176,7 @@ def _copy_run(dst, src_name, name, config, family, edit=lambda res: None):
     meta.update(name=name, config=config, family=family)
     res = run_results.read(src)
     edit(res)
+    shutil.rmtree(dst / "runs" / name, ignore_errors=True)  # a committed attempt of the same name: replaced
     (dst / "runs" / name).mkdir(parents=True)
     (dst / "runs" / name / "run.json").write_text(json.dumps(meta))
     with gzip.open(dst / "runs" / name / run_results.PACKED, "wt") as f:
@@ -208,7 +218,7 @@ def test_aggregate_shows_before_and_after_the_nf4_merge_and_the_equal_memory_pea
     for s in (1, 2):
         _copy_run(dst, f"test-sparse_random_per_layer_columns-lr3e-4-s{s}",
                   f"test-sparse_random_per_layer_columns_eqmem-lr3e-4-s{s}", "sparse_random_per_layer_columns_eqmem",
-                  "sparse_columns", bigger)
+                  "sparse_eqmem", bigger)
     for s in (1, 2, 3):  # 8 bytes per trained number: 0.2 points below the 16-byte runs
         _copy_run(dst, f"test-sparse_random_per_layer_columns-lr3e-4-s{s}",
                   f"test-sparse_random_per_layer_columns_8byte-lr3e-4-s{s}", "sparse_random_per_layer_columns_8byte",
@@ -242,7 +252,7 @@ def test_aggregate_shows_before_and_after_the_nf4_merge_and_the_equal_memory_pea
     assert eqmem["average"]["mean"] == max(r["average"]["mean"] for r in table_json["test"])  # the best, yet
     # never ours: eqmem (off LoRA's trainable budget) and ours on NF4 (another base, one seed; here the next best)
     assert {c["ours"] for c in table_json["targets"] if c["comparison"].startswith("ours")} == {
-        "sparse_random_per_layer_columns"}
+        "sparse_taylor_per_layer_coupled"}
     [pair] = [c for c in table_json["targets"] if c["comparison"].startswith("8 bytes") and c["metric"] == "average"]
     assert pair["margin"] == pytest.approx(-0.2) and pair["required"] == -0.3 and pair["met"]
     head = (dst / "accuracy.csv").read_text().splitlines()[0].split(",")
