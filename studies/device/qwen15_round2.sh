@@ -2,11 +2,12 @@
 # The qwen15 accuracy study's second round (studies/accuracy/README.md) on one GPU, after qwen15_device.sh's stage /
 # install calls left the model in /tmp/q15, the wheels in /tmp/site and the data in /tmp/data and /tmp/sc, and
 # bitsandbytes was installed into /tmp/site. Two sweeps run detached into one folder, so that runs outlive the
-# calls and the GPU is not half idle while the coupled configs are tuned:
-#   A  tunes the coupled configs (2 runs), then tests them at the tuned lr;
-#   B  meanwhile tests the configs that need no tuning: 8 bytes per number, equal memory, then the NF4 merge runs.
-# The slots (~12 GiB each, studies.py; 11 on an H200, 6 on an H100) are split: A 4 on an H200 (its two tune runs at
-# once), 2 on an H100; B the rest.
+# calls and the GPU is not half idle while configs are tuned (done runs are skipped, so a call resumes):
+#   A  tests the coupled configs at their tuned lr (seeds 2, 3 decide the target), then tunes the
+#      equal-memory config (2 runs) and tests it at its tuned lr;
+#   B  meanwhile tests the configs that need no tuning: 8 bytes per number, then the NF4 merge runs.
+# The slots (~12 GiB each, studies.py; 11 on an H200, 6 on an H100) are split: A 6 on an H200 (the two
+# equal-memory tune runs of 3 slots at once), 4 on an H100 (two coupled runs at once); B the rest.
 #   R2_BUDGET=<s> bash studies/device/qwen15_round2.sh start   starts both (budget: s from now), waits <= R2_WAIT s
 #   R2_SOLO_BUDGET=<s> bash studies/device/qwen15_round2.sh solo   the 1.5B scoring time alone (scoring_qwen15/)
 #   bash studies/device/qwen15_round2.sh wait                  waits again (R2_WAIT, default 540 s)
@@ -33,13 +34,13 @@ case ${1:-wait} in
   start)
     [ -f /tmp/q15/config.json ] || { echo "no /tmp/q15: run qwen15_device.sh stage / install first" >&2; exit 1; }
     mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-    slots=$(( mem > 100000 ? 11 : 6 )) a=${R2_A:-$(( mem > 100000 ? 4 : 2 ))}
+    slots=$(( mem > 100000 ? 11 : 6 )) a=${R2_A:-$(( mem > 100000 ? 6 : 4 ))}
     mkdir -p "$DIR" && cp -rn studies/accuracy/results/qwen15/. "$DIR"/
     echo $(( $(date +%s) + ${R2_BUDGET:?seconds} )) > /tmp/r2.end
     b=$R2_BUDGET
-    setsid nohup bash -c "$(declare -f sweep left); DIR=$DIR; sweep tune coupled $a $b; sweep test coupled $a \$(left)" \
+    setsid nohup bash -c "$(declare -f sweep left); DIR=$DIR; sweep test coupled $a $b; sweep tune _eqmem $a \$(left); sweep test _eqmem $a \$(left)" \
       > /tmp/r2.a.log 2>&1 < /dev/null & echo $! > /tmp/r2.a.pid
-    setsid nohup bash -c "$(declare -f sweep); DIR=$DIR; sweep test '_8byte|_eqmem|_nf4|qlora' $((slots - a)) $b" \
+    setsid nohup bash -c "$(declare -f sweep); DIR=$DIR; sweep test '_8byte|_nf4|qlora' $((slots - a)) $b" \
       > /tmp/r2.b.log 2>&1 < /dev/null & echo $! > /tmp/r2.b.pid
     echo "started: $slots slots (A $a, B $((slots - a))), budget $b s" ;;
   solo)  # the scoring-time target (studies/scoring_cost/README.md): taylor / zeroth_order rows alone on the GPU
