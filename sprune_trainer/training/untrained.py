@@ -11,7 +11,8 @@ flags are all-reduced (MAX) so every rank decides alike, and either failing rais
 `SlicesNotTrainingError` out of `train()`.
 
 Cost, on checked steps only: three multi-tensor norms over the slices (before the update: gradients and values;
-after: values), two more over the compensation buffers where there are any, and one two-element all-reduce with a host sync; nothing on the other steps."""
+after: values), two more over the compensation buffers where there are any, and one two-element all-reduce with a
+host sync; nothing on the other steps."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -26,9 +27,9 @@ LIKELY_CAUSES = (
     "Likely causes: a compiled or wrapped model whose graph loses the slices' gradient (a compiler "
     "or wrapper bug); forward hooks or a wrapper that replace or detach the sliced layers' outputs; the sliced "
     "layers off the loss's path (run under torch.no_grad, or their output unused); a learning rate of zero; bfloat16 "
-    "slices whose updates round away (slice_dtype='float32'). Try the same run without torch_compile or the "
-    "wrapper, check that loss.backward() reaches a layer's `delta`, or set SparseNeuronConfig(untrained_guard=False) "
-    "to train anyway.")
+    "slices whose updates round away (slice_dtype='float32', or compensated_update=True). Try the same run without "
+    "torch_compile or the wrapper, check that loss.backward() reaches a layer's `delta`, or set "
+    "SparseNeuronConfig(untrained_guard=False) to train anyway.")
 
 
 class SlicesNotTrainingError(RuntimeError):
