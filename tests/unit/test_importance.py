@@ -193,9 +193,10 @@ def test_zeroth_order_on_bf16_multiplies_in_bf16_along_the_rounded_direction():
         for b, batch in enumerate(batches):
             zs = {n: spsa_direction(m.weight.shape, 5, b, index[n]).bfloat16() for n, m in layers.items()}
             loss = {}
-            for sign[0] in (1.0, -1.0):
+            for direction in (1.0, -1.0):
+                sign[0] = direction  # read by the hooks
                 with torch.no_grad():
-                    loss[sign[0]] = model(**batch).loss.double().item()
+                    loss[direction] = model(**batch).loss.double().item()
             c = (loss[1.0] - loss[-1.0]) / 2e-2
             for n, m in layers.items():
                 acc[n] = acc.get(n, 0.0) + c * (m.weight.float() * zs[n].float()).sum(1)
