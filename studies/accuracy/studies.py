@@ -52,7 +52,7 @@ class Study:
     pair_targets: tuple[tuple[str, str, str, float], ...] = ()  # (comparison, config, reference, required margin)
     not_ours: tuple[str, ...] = ()                # sparse configs never "ours" in the targets: above LoRA's
     #                                               trainable budget (sized to its memory instead), or a side question
-    #                                               on another base at one seed
+    #                                               on another base
     equal_memory: tuple[tuple[str, str], ...] = ()  # (config, reference): the aggregate compares their test runs'
     #                                                 own peak memory
 
@@ -155,9 +155,9 @@ QWEN15_COLUMNS = ("random", "taylor")
 # sweep runs it: coupled neurons (the library's axis "coupled", at the rows' k; their own lr family, tuned on random
 # only), random columns at 8 bytes per trained number (bf16 slices, int8 moments, compensated updates: the same config
 # as the tuned random columns, so its lr), random columns at LoRA r16's peak memory (its k below; its own lr family),
-# then last, seed 1
-# only, the NF4 merge: QLoRA r16 and random rows on an NF4 base (with and without the low-quantization-error start),
-# each evaluated after training and again after merging back into NF4 (the recipe's --eval_merged_nf4).
+# then last, at 3 seeds, the NF4 merge: QLoRA r16 and random rows on an NF4 base (with and without the
+# low-quantization-error start), each evaluated after training and again after merging back into NF4 (the recipe's
+# --eval_merged_nf4).
 QWEN15_COUPLED = ("random", "taylor")
 QWEN15_8BYTE = ("--slice_dtype", "bfloat16", "--optimizer_state", "int8", "--compensated_update", "true")
 # Equal memory. Solo peaks (torch max allocated, studies/accuracy/results/qwen15/runs/solo-*): LoRA r16
@@ -244,7 +244,9 @@ QWEN15 = Study(
            "sparse_random_per_layer_columns_eqmem": 3},
     checks_training=True,
     phases=("test", "tune", "solo"),
+    # the NF4 merge at the protocol's 3 seeds, after every seed of the rest (the merge target needs its std)
     late_names=QWEN15_NF4,
+    late_seeds=grid.TEST_SEEDS,
     # the 8-byte setting is the same config at half the bytes per trained number: it must keep the accuracy
     pair_targets=(("8 bytes − 16 bytes per trained number", "sparse_random_per_layer_columns_8byte",
                    "sparse_random_per_layer_columns", -0.3),),

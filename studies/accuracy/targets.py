@@ -7,7 +7,7 @@
   config) against the study's references (studies.py; issue 8: >= LoRA r16 + 1, >= DoRA r8 - 0.5, >= full FT;
   issue 17: >= LoRA r16, >= DoRA r16 - 0.5, >= full FT - 1); and the best importance criterion beats `random` at
   the same scope and axis by more than the seed std (pooled over the two configs). Configs a study lists in
-  not_ours (above LoRA's trainable count, sized to its memory instead; on an NF4 base at one seed) are never "ours".
+  not_ours (above LoRA's trainable count, sized to its memory instead; on an NF4 base) are never "ours".
   A study's pair targets compare two named configs (issue 17: random columns at 8 bytes per trained number >= the
   same config at 16 - 0.3). A check with fewer than the protocol's seeds on either side is marked provisional.
 """

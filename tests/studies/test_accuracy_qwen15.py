@@ -119,8 +119,8 @@ def test_command_lines_parse_with_the_recipe_to_the_study_values(tmp_path, capsy
     common = ["--study", "qwen15", "--dry_run", "--out", str(tmp_path / "o"), "--model_name_or_path",
               str(tmp_path / "none"), "--data_dir", str(tmp_path)]
     runs = _dry_run(capsys, common)
-    # the first round's 23 + 27, and the second's 2 + 2 tune + 4 configs x 3 seeds + 3 NF4 runs at seed 1
-    assert runs["counts"] == {"tune": 27, "test": 42} and len(runs["argv"]) == 69
+    # the first round's 23 + 27, and the second's 2 + 2 tune + 4 configs x 3 seeds + 3 NF4 configs x 3 seeds
+    assert runs["counts"] == {"tune": 27, "test": 48} and len(runs["argv"]) == 75
     solo = _dry_run(capsys, common + ["--phase", "solo"])
     assert solo["counts"] == {"solo": 13} and not (tmp_path / "o").exists()  # a dry run writes nothing
 
