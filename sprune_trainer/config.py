@@ -195,7 +195,8 @@ class SparseNeuronConfig:
                           "gradient, or changes none (a compiled or wrapped model that loses the slices' gradient, "
                           "hooks, a frozen path, a zero learning rate): checked on the first steps taken until one "
                           "with a positive learning rate moved the slices, then at every logging step, all ranks "
-                          "alike."})
+                          "alike. After that first move, a step that changes no slice (updates rounding away at the "
+                          "end of a decay) warns instead of stopping."})
     max_nonfinite_steps: int = field(
         default=10, metadata={"help": "nonfinite_guard: consecutive skipped steps after which training stops with "
                                       "an error (the run has diverged; try float32 or a lower learning rate)."})

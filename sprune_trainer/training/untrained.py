@@ -6,9 +6,12 @@ Trainer then saves an adapter of zeros. The guard looks at optimizer steps that 
 as non-finite): the first ones until one with a positive learning rate has been verified, then every logging step.
 On such a step it checks that some slice holds a non-zero gradient before the update (non-finite steps never get
 here while the non-finite guard is on) and that some slice changed in it, its value or, where the optimizer keeps
-one, its compensation buffer (a compensated bf16 step far below the slice's rounding step moves only that); the two
-flags are all-reduced (MAX) so every rank decides alike, and either failing raises
-`SlicesNotTrainingError` out of `train()`.
+one, its compensation buffer (a compensated bf16 step far below the slice's rounding step moves only that), by
+per-slice norms summed in fp64, which see one entry of a bf16 slice move by its rounding step. The two flags are
+all-reduced (MAX) so every rank decides alike, and either failing raises `SlicesNotTrainingError` out of `train()`,
+with one exception: once a step has moved the slices, a later step whose update changed none (the end of a decaying
+schedule, where updates of bf16 slices round away) logs a warning instead, since the run did train; a later step
+without gradients still raises.
 
 Cost, on checked steps only: three multi-tensor norms over the slices (before the update: gradients and values;
 after: values), two more over the compensation buffers where there are any, and one two-element all-reduce with a
@@ -19,9 +22,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from transformers.utils import logging
 
 from .nonfinite import flag_device
-from .norms import norms_fp32
+from .norms import norms_fp32, norms_fp64
+
+logger = logging.get_logger(__name__)
 
 LIKELY_CAUSES = (
     "Likely causes: a compiled or wrapped model whose graph loses the slices' gradient (a compiler "
@@ -49,6 +55,7 @@ class UntrainedGuard:
         self.every = every or (lambda: 0)
         self.watched = watched or (lambda params: params)
         self.verified = False  # a step with a positive learning rate moved the slices
+        self.warned_unchanged = False
 
     def due(self, step: int) -> bool:
         every = self.every()
@@ -60,7 +67,8 @@ class UntrainedGuard:
         if not self.due(step):
             return None
         params = self.watched([p for g in optimizer.param_groups for p in g["params"]])
-        lr_positive = any(float(g.get("lr", 0.0)) > 0 for g in optimizer.param_groups)
+        lr = max((float(g.get("lr", 0.0)) for g in optimizer.param_groups), default=0.0)
+        lr_positive = lr > 0
         grads = [p.grad for p in params if p.grad is not None]
         device = params[0].device if params else torch.device("cpu")
         if grads:
@@ -71,12 +79,13 @@ class UntrainedGuard:
         else:
             has_grad = torch.zeros((), dtype=torch.bool, device=device)
         values = _value_norms(optimizer, params) if lr_positive else None  # nothing to compare at lr 0
-        return step, optimizer, params, has_grad, values, lr_positive
+        return step, optimizer, params, has_grad, values, lr
 
     def after_step(self, pending) -> None:
         if pending is None:
             return
-        step, optimizer, params, has_grad, before, lr_positive = pending
+        step, optimizer, params, has_grad, before, lr = pending
+        lr_positive = lr > 0
         changed = torch.ones((), dtype=torch.bool, device=has_grad.device)  # not checkable at lr 0
         if lr_positive and before is not None:
             changed = (_value_norms(optimizer, params) != before).any().to(has_grad.device)
@@ -90,25 +99,34 @@ class UntrainedGuard:
             raise SlicesNotTrainingError(
                 f"optimizer step {step}: none of the {n} trainable slice tensors received a non-zero "
                 f"gradient, so this run would train nothing. {LIKELY_CAUSES}")
-        if not changed:
+        if not changed and not self.verified:
             raise SlicesNotTrainingError(
                 f"optimizer step {step}: the slices received gradients but the update changed none of the {n} slice "
                 f"tensors, so this run would train nothing. {LIKELY_CAUSES}")
+        if not changed:
+            if not self.warned_unchanged:
+                logger.warning(
+                    f"optimizer step {step}: the update changed none of the {n} slice tensors at learning rate "
+                    f"{lr:.3g}, after earlier steps trained them: the updates round away at this learning rate "
+                    f"(bfloat16 slices: compensated_update=True or slice_dtype='float32' keep them). Training goes on; "
+                    f"this warning is shown once.")
+                self.warned_unchanged = True
+            return
         if lr_positive:
             self.verified = True
 
 
 def _value_norms(optimizer: torch.optim.Optimizer, params: list) -> Optional[torch.Tensor]:
-    """(2n,): each slice's norm, then its compensation buffer's (SliceAdamW with compensated=True; 0 where there is
-    none yet, as before the first step makes it at zero)."""
+    """(2n,) fp64: each slice's norm, then its compensation buffer's (SliceAdamW with compensated=True; 0 where there
+    is none yet, as before the first step makes it at zero)."""
     if not params:
         return None
-    norms = norms_fp32(params)
+    norms = norms_fp64(params)
     state = getattr(optimizer, "state", None)
     state = state if isinstance(state, dict) else {}
     buffers = [state.get(p, {}).get("compensation") for p in params]
     held = [i for i, b in enumerate(buffers) if b is not None]
     extra = torch.zeros_like(norms)
     if held:
-        extra[held] = norms_fp32([buffers[i] for i in held]).to(extra.device)
+        extra[held] = norms_fp64([buffers[i] for i in held]).to(extra)
     return torch.cat([norms, extra])

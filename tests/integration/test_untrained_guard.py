@@ -95,6 +95,65 @@ def test_a_compensated_step_below_the_bf16_rounding_step_counts_as_training(comp
     assert guard.verified
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_bf16_slices_at_the_end_of_a_decaying_schedule_finish_their_run(tmp_path, schedule):
+    """The last step of a linear or cosine decay (checked: 40 is a logging step) moves only some of the bf16 slices'
+    entries, by their rounding step: 10 of 2,048 entries here at the cosine's end. A norm in bf16 cannot see that
+    and stopped a run that had trained; the norms summed in fp64 see it, so the run ends normally."""
+    cfg = SparseNeuronConfig(neurons_per_layer=4, importance="l2", slice_dtype="bfloat16")
+    trainer = sparse_trainer(tmp_path, cfg, max_steps=40, logging_steps=10, lr_scheduler_type=schedule,
+                             learning_rate=1e-3)
+    trainer.train()
+    assert trainer.state.global_step == 40 and trainer.nonfinite.untrained.verified
+    assert not trainer.nonfinite.untrained.warned_unchanged  # the last step's change was seen, not excused
+
+
+def _moving_guard_and_step(slices):
+    """An UntrainedGuard checking every step, and a step of `slices` (gradients set first) under `update(slices)`."""
+    from sprune_trainer.training.untrained import UntrainedGuard
+
+    guard = UntrainedGuard(every=lambda: 1)
+    opt = torch.optim.SGD(slices, lr=1e-3)
+
+    def checked_step(update):
+        for s in slices:
+            s.grad = torch.ones_like(s)
+        pending = guard.before_step(opt)
+        with torch.no_grad():
+            update(slices)
+        guard.after_step(pending)
+    return guard, checked_step
+
+
+def test_one_bf16_entry_moved_by_its_rounding_step_is_a_change():
+    """One of 4,096 entries at 1.0 moved to the next bf16 value: the slice's squared norm changes by 4e-6 of itself,
+    below what a bf16 norm resolves; the first check passes on that alone."""
+    slices = [torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))]
+    guard, checked_step = _moving_guard_and_step(slices)
+
+    def one_entry(ps):
+        ps[0][0, 0] = torch.nextafter(ps[0][0, 0], torch.tensor(2.0, dtype=torch.bfloat16))
+    checked_step(one_entry)
+    assert guard.verified and slices[0][0, 0].item() == 1.0078125
+
+
+def test_a_step_that_changes_nothing_after_the_slices_trained_warns_once_and_goes_on(caplog):
+    """Updates that round away after earlier steps moved the slices (the end of a schedule): the run trained, so a
+    warning rather than a stop; the same step before any step moved them still stops (the tests above)."""
+    import logging
+
+    slices = [torch.nn.Parameter(torch.zeros(4, 8, dtype=torch.bfloat16))]
+    guard, checked_step = _moving_guard_and_step(slices)
+    checked_step(lambda ps: ps[0].add_(0.5))
+    assert guard.verified
+    with caplog.at_level(logging.WARNING, logger="sprune_trainer"):
+        for _ in range(2):
+            checked_step(lambda ps: None)
+    warned = [r.getMessage() for r in caplog.records if "changed none" in r.getMessage()]
+    assert len(warned) == 1 and "optimizer step 1: the update changed none of the 1 slice tensors at learning rate " \
+        "0.001, after earlier steps trained them" in warned[0]
+
+
 def test_the_guard_checks_logging_steps_after_the_first(tmp_path):
     """Past the first verified step the check runs on logging steps only; a run that stops training later is
     caught at the next one."""
