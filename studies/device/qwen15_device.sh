@@ -5,14 +5,19 @@
 #   bash ../shared/tools/gpu_wheels.sh     -> .whl (gguf, datasets, evaluate, deepspeed ...)
 #   mkdir -p .data && cp -r ../shared/data/commonsense .data/ ; .olmo/hf_datasets.tgz (see device_run.sh)
 # /tmp on the device survives only while the machine stays warm (30 s idle): issue the calls back to back.
-#   calls 1..21: carry [".m/q15/pNN"]                       bash studies/device/qwen15_device.sh stage
+#   call 1:      carry [".m/q15/p00", ".whl"]                bash studies/device/qwen15_device.sh stage
+#   calls 2..21: carry [".m/q15/pNN"]                       bash studies/device/qwen15_device.sh stage
 #   call 22:     carry [".m/q15/p21", ".whl", ".data", ".olmo"]
 #                bash studies/device/qwen15_device.sh stage install scan issue16
 #   then:        bash studies/device/qwen15_device.sh collect     (waits for runs still going, packs results)
-# install: the GGUF is checked (sha256), dequantized once into a float32 safetensors folder /tmp/q15.
+# The first part holds the GGUF's metadata: from call 1 on, gguf_convert.py's `meta` makes the config, tokenizer and
+# tensor layout in the background (on that part padded to the file's size). install: the GGUF is checked (sha256),
+# and its weights dequantized in parallel into the float32 safetensors folder /tmp/q15 (the same bytes as
+# recipes/commonsense/modeling._load_gguf + save_pretrained, in ~1/5 of its ~100 s).
 # Results: $OUT/results.tgz (outputs/device/ elsewhere) holding runs/<name>/{results.json,log.txt}, scan*.json.
 set -uo pipefail
 SHA=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+SIZE=1117320768  # its bytes
 MODEL=/tmp/q15
 RUNS=/tmp/runs
 FINAL=${OUT:-outputs/device}
@@ -40,6 +45,22 @@ recipe() {  # name dtype bf16 [extra flags...]
     --extra_eval ARC-Challenge,openbookqa --report_to none --disable_tqdm true \
     --output_dir "$RUNS/$name" "$@" > "$RUNS/$name/log.txt" 2>&1 &
 }
+start_meta() {  # once the first part is here: config, tokenizer and tensor layout, in the background
+  [ -f /tmp/m/part00 ] && [ ! -f /tmp/meta.pid ] && [ -d .whl ] || return 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/gguf-*.whl || return 0
+  cp /tmp/m/part00 /tmp/meta.gguf && truncate -s "$SIZE" /tmp/meta.gguf || return 0
+  setsid nohup python studies/device/gguf_convert.py meta /tmp/meta.gguf "$MODEL" > /tmp/meta.log 2>&1 < /dev/null &
+  echo $! > /tmp/meta.pid
+}
+convert_model() {  # /tmp/q15.gguf -> $MODEL: the metadata from start_meta (or now, from the whole file), then the weights
+  local pid
+  pid=$(cat /tmp/meta.pid 2>/dev/null)
+  while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; do sleep 1; done
+  [ -f /tmp/meta.log ] && tail -1 /tmp/meta.log
+  [ -f "$MODEL/gguf_layout.json" ] || python studies/device/gguf_convert.py meta /tmp/q15.gguf "$MODEL" || return 1
+  python studies/device/gguf_convert.py tensors /tmp/q15.gguf "$MODEL" 2>&1 | grep -v "^dequantizing"
+  [ -f "$MODEL/model.safetensors" ]
+}
 # studies/nonfinite/scan_batches.py on the staged model and data in bf16 (an array, so setsid / timeout can run it)
 SCAN=(python studies/nonfinite/scan_batches.py --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense
       --dtype bfloat16)
@@ -53,20 +74,11 @@ wait_runs() {  # until no recipe runs or $1 seconds ($2: only the run of that na
 for stage in "$@"; do
   echo "== $stage"
   case $stage in
-    stage) stage_parts '.m/q15/p*/part??' || exit 1 ;;
+    stage) stage_parts '.m/q15/p*/part??' || exit 1; start_meta ;;
     install)
       install_site_and_data || exit 1
       cat /tmp/m/part?? > /tmp/q15.gguf && echo "$SHA  /tmp/q15.gguf" | sha256sum -c || exit 1
-      python - <<'PY' || exit 1
-import sys, time, torch
-sys.path.insert(0, "recipes")
-from pathlib import Path
-from commonsense.modeling import _load_gguf
-t = time.time()
-model, tok = _load_gguf(Path("/tmp/q15.gguf"), dtype=torch.float32)
-model.save_pretrained("/tmp/q15"); tok.save_pretrained("/tmp/q15")
-print(f"converted to /tmp/q15 in {time.time() - t:.0f} s")
-PY
+      t=$SECONDS; convert_model || exit 1; echo "converted to $MODEL in $((SECONDS - t)) s"
       nvidia-smi -L
       python -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" ;;
     scan)  # the frozen pretrained model on every training batch, bf16, every weight's gradient

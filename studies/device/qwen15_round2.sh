@@ -32,7 +32,7 @@ running() { local f; for f in /tmp/r2.a.pid /tmp/r2.b.pid /tmp/r2.s.pid; do [ -f
 
 case ${1:-wait} in
   start)
-    [ -f /tmp/q15/config.json ] || { echo "no /tmp/q15: run qwen15_device.sh stage / install first" >&2; exit 1; }
+    [ -f /tmp/q15/model.safetensors ] || { echo "no /tmp/q15: run qwen15_device.sh stage / install first" >&2; exit 1; }
     mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     slots=$(( mem > 100000 ? 11 : 6 )) a=${R2_A:-$(( mem > 100000 ? 6 : 4 ))}
     mkdir -p "$DIR" && cp -rn studies/accuracy/results/qwen15/. "$DIR"/
