@@ -158,7 +158,8 @@ def _training_args(cfg: RunConfig, steps: int, device: torch.device):
     fields = TrainingArguments.__dataclass_fields__
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     kw = dict(output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch, max_steps=steps,
-              learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=0.0, bf16=cfg.bf16, logging_steps=1,
+              learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=0.0,
+              bf16=cfg.bf16 and not switch_on(cfg.switch, "fp32"), logging_steps=1,
               save_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0,
               use_cpu=device.type == "cpu", torch_compile=switch_on(cfg.switch, "compile"),
               use_liger_kernel=switch_on(cfg.switch, "liger"))
@@ -204,6 +205,8 @@ def _train(cfg: RunConfig, device: torch.device, row: dict) -> None:
     row["params"], row["num_hidden_layers"] = info["params"], info["num_hidden_layers"]
     if switch_on(cfg.switch, "nf4"):
         row["nf4_projections"] = quantize_targets(model)
+    if switch_on(cfg.switch, "fp32"):
+        model.float()  # the same bf16-valued weights, computed in float32
     sync(device)
     row["build_s"] = time.perf_counter() - t0
     row["peak_bytes_load"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,7 +38,8 @@ sys.path.insert(0, ROOT)
 from benchmarks import report  # noqa: E402
 from benchmarks.user_stack_plan import (DEFAULT_SWITCHES, METHODS, SWITCHES, RunConfig,  # noqa: E402
                                         missing_dependency, plan, switch_on)
-from benchmarks.user_stack_report import CSV_COLUMNS, add_checks, compare_slices, markdown, targets  # noqa: E402
+from benchmarks.user_stack_report import (CSV_COLUMNS, add_checks, judge_compiled_slices, markdown,  # noqa: E402
+                                          targets)
 
 DONE = ("ok", "oom", "error")
 
@@ -67,7 +69,9 @@ def parse_args(argv=None):
                     help="the same for runs on the NF4 base, which is another model than the bf16 one")
     ap.add_argument("--slice-rtol", type=float, default=0.15,
                     help="largest relative difference of a compiled run's slice from the eager run's counted as the "
-                         "same (bf16: studies/torch_compile saw 0.08 after 6 steps, as far as eager is from fp32)")
+                         "same (bf16: studies/torch_compile saw 0.08 after 6 steps, as far as eager is from fp32); "
+                         "beyond it the fp32 truth decides (fp32_ckpt, run for the check: compiled no farther from "
+                         "it than twice eager)")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="start no configuration expected to end after this many seconds from launch")
     ap.add_argument("--watchdog-s", type=float, default=480.0, help="a configuration's process is ended after this")
@@ -112,8 +116,8 @@ def configs(args) -> list[RunConfig]:
 
 
 def _with_slices_path(cfg: RunConfig, folder: str) -> RunConfig:
-    """ours, plain (the eager twin) and compiled: save the slices for the compiled-vs-eager check."""
-    if cfg.method != "ours" or cfg.switch not in ("plain", "compile"):
+    """ours, plain (the eager twin), fp32_ckpt (the truth) and compiled: save the slices for the compiled check."""
+    if cfg.method != "ours" or cfg.switch not in ("plain", "fp32_ckpt", "compile"):
         return cfg
     name = cfg.key.replace("/", "__") + ".safetensors"
     return RunConfig(**{**cfg.as_dict(), "slices_path": os.path.join(folder, name)})
@@ -269,24 +273,30 @@ def _print_row(row: dict, budget: Budget) -> None:
               flush=True)
 
 
+def _twin_slices(doc: dict, twin: RunConfig, args, budget: Budget) -> Optional[str]:
+    """The path of `twin`'s saved slices, running it first when they are not on this machine (measured in an
+    earlier call, or not at all) and the budget allows; None when there are none."""
+    if not os.path.exists(twin.slices_path) and budget.left() >= budget.estimate(doc, twin):
+        rerun = run_group([twin], args, budget, f"p{os.getpid()}_{twin.switch}_rerun")
+        rerun = rerun.get(twin.key, {"key": twin.key, "status": "stopped at the time budget"})
+        doc["slice_reruns"].append({k: rerun.get(k) for k in ("key", "status", "gpu", "tokens_per_s", "error")})
+    return twin.slices_path if os.path.exists(twin.slices_path) else None
+
+
 def check_compiled_slices(doc: dict, row: dict, args, budget: Budget) -> None:
-    """A compiled ours-run's slices against its eager twin's (the same configuration, plain); the twin is run again
-    for its slices when they are not on this machine (measured in an earlier call, or not at all)."""
+    """A compiled ours-run's slices against its eager twin's (the same configuration, plain) and the fp32 truth's
+    (fp32_ckpt), each run first when its slices are not here (judge_compiled_slices says how they are judged)."""
     if row["method"] != "ours" or not switch_on(row["switch"], "compile") or row["status"] != "ok":
         return
     fields = {k: row[k] for k in RunConfig.__dataclass_fields__}
-    twin = _with_slices_path(RunConfig(**{**fields, "switch": "plain", "slices_path": None}), args.slices_dir)
-    if not os.path.exists(twin.slices_path):
-        if budget.left() < budget.estimate(doc, twin):
-            row["slices_vs_eager"] = {"error": "the eager run's slices are not on this machine (no time to rerun)"}
-            return
-        rerun = run_group([twin], args, budget, f"p{os.getpid()}_eager_rerun")
-        rerun = rerun.get(twin.key, {"key": twin.key, "status": "stopped at the time budget"})
-        doc["slice_reruns"].append({k: rerun.get(k) for k in ("key", "status", "gpu", "tokens_per_s", "error")})
-    if os.path.exists(twin.slices_path):
-        row["slices_vs_eager"] = compare_slices(row["slices_path"], twin.slices_path, args.slice_rtol)
-    else:
-        row["slices_vs_eager"] = {"error": "the eager run's slices could not be made"}
+    eager = _twin_slices(doc, _with_slices_path(RunConfig(**{**fields, "switch": "plain", "slices_path": None}),
+                                                args.slices_dir), args, budget)
+    if eager is None:
+        row["slices_vs_eager"] = {"error": "the eager run's slices are not on this machine (no time to rerun)"}
+        return
+    truth = _twin_slices(doc, _with_slices_path(RunConfig(**{**fields, "switch": "fp32_ckpt", "slices_path": None}),
+                                                args.slices_dir), args, budget)
+    row["slices_vs_eager"] = judge_compiled_slices(row["slices_path"], eager, truth, args.slice_rtol)
 
 
 def main(argv=None):

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 # switch -> what it turns on: checkpointing (TrainingArguments' activation / gradient checkpointing), liger
-# (use_liger_kernel), compile (torch_compile), nf4 (the seven projections converted to bitsandbytes NF4 first)
+# (use_liger_kernel), compile (torch_compile), nf4 (the seven projections converted to bitsandbytes NF4 first), fp32
+# (the bf16-built weights cast to float32, no autocast: the truth a compiled run's slices are judged against, as in
+# studies/torch_compile; with checkpointing, so that 8B fits; never in the table)
 SWITCHES: dict[str, dict[str, bool]] = {
     "plain": {},
     "ckpt": {"checkpointing": True},
@@ -15,9 +17,11 @@ SWITCHES: dict[str, dict[str, bool]] = {
     "liger_ckpt": {"liger": True, "checkpointing": True},
     "compile": {"compile": True},
     "nf4_ckpt": {"nf4": True, "checkpointing": True},
+    "fp32_ckpt": {"fp32": True, "checkpointing": True},
 }
 SWITCH_LABELS = {"plain": "plain", "ckpt": "checkpointing", "liger": "Liger", "liger_ckpt": "Liger + checkpointing",
-                 "compile": "torch_compile", "nf4_ckpt": "NF4 base + checkpointing"}
+                 "compile": "torch_compile", "nf4_ckpt": "NF4 base + checkpointing",
+                 "fp32_ckpt": "fp32 truth + checkpointing"}
 # the default order: what item 5's targets need first (each switch's ours / LoRA pair back to back, then the floor)
 DEFAULT_SWITCHES = ["plain", "ckpt", "liger_ckpt", "nf4_ckpt", "liger", "compile"]
 METHODS = ["ours", "lora", "floor"]

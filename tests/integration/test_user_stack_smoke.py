@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 
@@ -65,6 +66,9 @@ def test_user_stack_smoke_runs_every_method_and_switch_and_resumes(tmp_path):
     assert compiled["rebuild"]["state"].startswith("off (compiled")
     slices = compiled["slices_vs_eager"]
     assert slices["ok"] and slices["slices"] == slices["moved"] == 14 and slices["max_rel_diff"] <= 1e-4
+    # the fp32 truth was run for the check (fp32 here already: it is the eager run with checkpointing)
+    assert [r["key"] for r in doc["slice_reruns"] if r["status"] == "ok"] == ["tiny/2x64/fp32_ckpt/ours"]
+    assert slices["err_compiled_vs_fp32"] <= 1e-4 and slices["err_eager_vs_fp32"] <= 1e-4
 
     table = (out / "table.md").read_text()
     assert table == markdown(doc)
@@ -80,3 +84,28 @@ def test_user_stack_smoke_runs_every_method_and_switch_and_resumes(tmp_path):
     with open(out / "results.csv") as f:
         assert sorted(r["key"] for r in csv.DictReader(f)) == sorted(rows)
     assert (out / "results.png").stat().st_size > 0
+
+
+def _slices_file(path, values):
+    from safetensors.torch import save_file
+    save_file({f"s{i}": torch.tensor(v, dtype=torch.float32) for i, v in enumerate(values)}, str(path))
+    return str(path)
+
+
+def test_compiled_slices_beyond_the_rtol_pass_when_no_farther_from_fp32_than_twice_eager(tmp_path):
+    """Two slices: eager 0.10 from the truth in its worst slice; compiled 0.30 from eager (beyond rtol 0.15) passes at
+    0.20 from the truth (<= 2 x 0.10) and fails at 0.25; an unmoved slice fails whatever the distances."""
+    from benchmarks.user_stack_report import judge_compiled_slices
+
+    truth = _slices_file(tmp_path / "t.safetensors", [[1.0, 0.0], [0.0, 1.0]])
+    eager = _slices_file(tmp_path / "e.safetensors", [[1.1, 0.0], [0.0, 1.0]])
+    near = _slices_file(tmp_path / "n.safetensors", [[0.8, 0.0], [0.0, 1.0]])
+    far = _slices_file(tmp_path / "f.safetensors", [[0.75, 0.0], [0.0, 1.0]])
+    ok = judge_compiled_slices(near, eager, truth, rtol=0.15)
+    assert ok["max_rel_diff"] == pytest.approx(0.3 / 1.1) and ok["err_eager_vs_fp32"] == pytest.approx(0.1)
+    assert ok["err_compiled_vs_fp32"] == pytest.approx(0.2) and ok["ok"]
+    assert not judge_compiled_slices(far, eager, truth, rtol=0.15)["ok"]
+    assert not judge_compiled_slices(near, eager, None, rtol=0.15)["ok"]  # no truth: the rtol alone
+    assert judge_compiled_slices(near, eager, None, rtol=0.3)["ok"]
+    unmoved = _slices_file(tmp_path / "u.safetensors", [[1.1, 0.0], [0.0, 0.0]])
+    assert not judge_compiled_slices(unmoved, eager, truth, rtol=10.0)["ok"]
