@@ -26,9 +26,11 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in); from the module's features, as 4-bit weights are stored packed."""
+    """(d_out, d_in); from the module's features, as 4-bit weights are stored packed (a Conv1D's transposed weight:
+    its full shape, also while ZeRO-3 holds only a shard of it)."""
     if is_conv1d(module):
-        return module.weight.shape[1], module.weight.shape[0]
+        shape = getattr(module.weight, "ds_shape", module.weight.shape)
+        return shape[1], shape[0]
     return module.out_features, module.in_features
 
 

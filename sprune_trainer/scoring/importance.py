@@ -477,9 +477,10 @@ class ZerothOrderImportance(Importance):
                     return None
                 x = args[0]
                 mm = _perturbation_dtype(output.dtype)
-                with dense_weight(module) as w:
-                    z = spsa_direction(w.shape, self.config.seed, state["batch"], index[name], w.device).to(mm)
-                    if state["sign"] > 0 and name not in proj:
+                z = spsa_direction(linear_shape(module), self.config.seed, state["batch"], index[name],
+                                   x.device).to(mm)
+                if state["sign"] > 0 and name not in proj:  # the weight once per layer and batch, not per pass
+                    with dense_weight(module) as w:
                         proj[name] = (w * z).sum(_reduce_dim(self.axis(name)))  # fp32 (or fp64) products
                 delta = x.to(mm) @ z.t()  # (..., d_out)
                 dt = torch.promote_types(output.dtype, torch.float32)  # bf16 -> fp32, fp64 stays

@@ -152,6 +152,27 @@ def test_zeroth_order_equals_explicit_weight_perturbation(axis):
     assert_scores_close(got, {n: a.abs() for n, a in acc.items()}, rtol=1e-5)
 
 
+def test_zeroth_order_reads_each_weight_once_per_batch(monkeypatch):
+    """The dense (dequantized, gathered) weight is needed only for the projection sum_j W_ij z_ij, once per layer and
+    batch; the perturbation itself takes z from the layer's shape, so the minus pass and the later micro-batch parts
+    make no fp32 copy of the weight."""
+    from sprune_trainer.scoring import importance
+
+    model = tiny_causal_lm()
+    layers = linears(model)
+    reads = []
+    real = importance.dense_weight
+
+    def counted(layer):
+        reads.append(layer)
+        return real(layer)
+    monkeypatch.setattr(importance, "dense_weight", counted)
+    config = cfg("zeroth_order", seed=5, calibration_micro_batch_size=1)  # each batch in parts of one sequence
+    scores = score_neurons(model, layers, config, lm_batches(n=3), progress=False)
+    assert len(reads) == 3 * len(layers) and set(map(id, reads)) == set(map(id, layers.values()))
+    assert all(s.abs().sum() > 0 for s in scores.values())
+
+
 def test_zeroth_order_on_bf16_multiplies_in_bf16_along_the_rounded_direction():
     """A bf16 model: no product with a weight-shaped operand (the layers' own and x z^T) runs in fp32 (an fp32
     x z^T as large as the layer's matmul made the criterion slow on GPUs), and the scores are those of the same

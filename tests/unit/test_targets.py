@@ -51,3 +51,18 @@ def test_every_target_entry_must_match(llama, targets):
     typo = [t for t in targets if t.endswith("_prj")]
     with pytest.raises(ValueError, match=re.escape(f"entries {typo!r} matched no module")):
         find_target_layers(llama, targets)
+
+
+def test_a_conv1d_shape_is_its_full_one_while_zero3_holds_a_shard():
+    """transformers' Conv1D stores W^T (d_in, d_out); under ZeRO-3 its weight is an empty shard with the full shape in
+    ds_shape, which linear_shape reads (zeroth_order draws its perturbation in that shape)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from sprune_trainer.layers.linear_like import linear_shape
+
+    layer = Conv1D(nf=12, nx=5)  # 5 inputs, 12 outputs
+    assert linear_shape(layer) == (12, 5)
+    layer.weight.data = torch.empty(0)
+    layer.weight.ds_shape = torch.Size([5, 12])
+    assert linear_shape(layer) == (12, 5)
