@@ -38,6 +38,9 @@ from .blockwise import BLOCK, dequantize_blockwise, quantize_blockwise  # noqa: 
 from ..config import OPTIMIZER_STATES as STATE_DTYPES
 from .flat_state import FlatChunk, chunk_params
 
+# the state key of a compensated slice's rounding-error buffer (checkpoints store it; the untrained guard reads it)
+COMPENSATION = "compensation"
+
 _HPARAMS = ("lr", "betas", "eps", "weight_decay", "state_dtype")  # per param group
 
 
@@ -201,7 +204,7 @@ class SliceAdamW(torch.optim.Optimizer):
             group["compensated"] = compensated
             if not compensated:
                 for p in group["params"]:
-                    self.state.get(p, {}).pop("compensation", None)
+                    self.state.get(p, {}).pop(COMPENSATION, None)
         for group, kind in zip(self.param_groups, wanted):
             saved, group["state_dtype"] = group["state_dtype"], kind
             if saved != kind:
@@ -241,8 +244,8 @@ def _converted_state(state: dict, p: torch.Tensor, saved: str, kind: str) -> dic
     new = {}
     SliceAdamW._init_state(new, p, kind)
     new["step"] = state["step"]
-    if "compensation" in state:
-        new["compensation"] = state["compensation"]
+    if COMPENSATION in state:
+        new[COMPENSATION] = state[COMPENSATION]
     _store_moments(new, kind, exp_avg.clone(), exp_avg_sq.clone())
     return new
 
@@ -268,9 +271,9 @@ def _compensations(params: list, states: list[dict], group: dict) -> list:
     if not group.get("compensated", False) or any(p.dtype == torch.float32 for p in params):
         return []
     for p, s in zip(params, states):
-        if "compensation" not in s:
-            s["compensation"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-    return [s["compensation"] for s in states]
+        if COMPENSATION not in s:
+            s[COMPENSATION] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    return [s[COMPENSATION] for s in states]
 
 
 def _flat_applies(group: dict) -> bool:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from transformers.utils import logging
 
+from ..optim.slice_adamw import COMPENSATION
 from .nonfinite import flag_device
 from .norms import norms_fp32, norms_fp64
 
@@ -124,7 +125,7 @@ def _value_norms(optimizer: torch.optim.Optimizer, params: list) -> Optional[tor
     norms = norms_fp64(params)
     state = getattr(optimizer, "state", None)
     state = state if isinstance(state, dict) else {}
-    buffers = [state.get(p, {}).get("compensation") for p in params]
+    buffers = [state.get(p, {}).get(COMPENSATION) for p in params]
     held = [i for i, b in enumerate(buffers) if b is not None]
     extra = torch.zeros_like(norms)
     if held:
