@@ -292,7 +292,7 @@ def check_compiled_slices(doc: dict, row: dict, args, budget: Budget) -> None:
     eager = _twin_slices(doc, _with_slices_path(RunConfig(**{**fields, "switch": "plain", "slices_path": None}),
                                                 args.slices_dir), args, budget)
     if eager is None:
-        row["slices_vs_eager"] = {"error": "no eager slices: not on this machine, and no time to rerun or the rerun failed"}
+        row["slices_vs_eager"] = {"error": "no eager slices: not here, and no time to rerun them or the rerun failed"}
         return
     truth = _twin_slices(doc, _with_slices_path(RunConfig(**{**fields, "switch": "fp32_ckpt", "slices_path": None}),
                                                 args.slices_dir), args, budget)
