@@ -61,6 +61,19 @@ convert_model() {  # /tmp/q15.gguf -> $MODEL: the metadata from start_meta (or n
   python studies/device/gguf_convert.py tensors /tmp/q15.gguf "$MODEL" 2>&1 | grep -v "^dequantizing"
   [ -f "$MODEL/model.safetensors" ]
 }
+convert_slowly() {  # the fallback: transformers' own conversion (~100 s), what gguf_convert.py reproduces
+  rm -rf "$MODEL"
+  python - <<'PY'
+import sys, time, torch
+sys.path.insert(0, "recipes")
+from pathlib import Path
+from commonsense.modeling import _load_gguf
+t = time.time()
+model, tok = _load_gguf(Path("/tmp/q15.gguf"), dtype=torch.float32)
+model.save_pretrained("/tmp/q15"); tok.save_pretrained("/tmp/q15")
+print(f"converted by transformers in {time.time() - t:.0f} s")
+PY
+}
 # studies/nonfinite/scan_batches.py on the staged model and data in bf16 (an array, so setsid / timeout can run it)
 SCAN=(python studies/nonfinite/scan_batches.py --model_name_or_path "$MODEL" --data_dir /tmp/data/commonsense
       --dtype bfloat16)
@@ -78,7 +91,7 @@ for stage in "$@"; do
     install)
       install_site_and_data || exit 1
       cat /tmp/m/part?? > /tmp/q15.gguf && echo "$SHA  /tmp/q15.gguf" | sha256sum -c || exit 1
-      t=$SECONDS; convert_model || exit 1; echo "converted to $MODEL in $((SECONDS - t)) s"
+      t=$SECONDS; convert_model || convert_slowly || exit 1; echo "converted to $MODEL in $((SECONDS - t)) s"
       nvidia-smi -L
       python -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" ;;
     scan)  # the frozen pretrained model on every training batch, bf16, every weight's gradient
