@@ -68,6 +68,10 @@ class SparseNeuronMixin(SlicePreparationMixin, AdapterSavingMixin, NonFiniteGuar
         if not sliced_modules(self.model):
             self._check_budgets()  # bad targets / budgets fail here, before any data or training step
         self._check_zero3_quantized_base()
+        if getattr(self, "is_fsdp_enabled", False):
+            logger.warning(f"{type(self).__name__} is untested under FSDP: its tested multi-GPU paths are DDP and "
+                           "DeepSpeed ZeRO-2/3 (ds_configs/, docs/multi_gpu.md). If FSDP keeps the gradients from "
+                           "the slices, the untrained guard stops the run at its first optimizer step.")
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         if resume_from_checkpoint is True:

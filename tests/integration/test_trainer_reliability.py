@@ -179,3 +179,19 @@ def test_a_sliced_model_keeps_its_slices_config_in_another_trainer(tmp_path):
     assert second.sparse_summary["trainable_params"] == first.sparse_summary["trainable_params"]
     after = _slice_state(second.model)
     assert after.keys() == before.keys() and all(not torch.equal(after[n], before[n]) for n in before)
+
+
+def test_a_trainer_under_fsdp_warns_that_fsdp_is_untested(tmp_path, caplog, monkeypatch):
+    """FSDP cannot run on a CPU (the Trainer ignores it there), so the warning is checked with the Trainer's own
+    FSDP flag set as accelerate sets it on a GPU launch."""
+    from transformers import Trainer
+
+    real = Trainer.create_accelerator_and_postprocess
+
+    def as_under_fsdp(self):
+        real(self)
+        self.is_fsdp_enabled = True
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_under_fsdp)
+    with caplog.at_level(logging.WARNING, logger="sprune_trainer"):
+        _trainer(tmp_path)
+    assert any("untested under FSDP" in r.getMessage() for r in caplog.records)
