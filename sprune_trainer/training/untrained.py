@@ -100,11 +100,11 @@ class UntrainedGuard:
             raise SlicesNotTrainingError(
                 f"optimizer step {step}: none of the {n} trainable slice tensors received a non-zero "
                 f"gradient, so this run would train nothing. {LIKELY_CAUSES}")
-        if not changed and not self.verified:
-            raise SlicesNotTrainingError(
-                f"optimizer step {step}: the slices received gradients but the update changed none of the {n} slice "
-                f"tensors, so this run would train nothing. {LIKELY_CAUSES}")
         if not changed:
+            if not self.verified:
+                raise SlicesNotTrainingError(
+                    f"optimizer step {step}: the slices received gradients but the update changed none of the {n} "
+                    f"slice tensors, so this run would train nothing. {LIKELY_CAUSES}")
             if not self.warned_unchanged:
                 logger.warning(
                     f"optimizer step {step}: the update changed none of the {n} slice tensors at learning rate "
